@@ -1,0 +1,246 @@
+"""xlsce: one label-smoothing cross-entropy for NumPy, JAX, PyTorch and any array-API library.
+
+The public API lives in this module: :func:`cross_entropy`, :func:`value_and_grad`
+and :class:`CrossEntropyLoss`; ``xlsce.torch.CrossEntropyLoss`` is an
+``nn.Module`` drop-in for ``torch.nn.CrossEntropyLoss``.  The math is in
+``xlsce/_math.py``, the framework adapters in ``xlsce/_adapters.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from . import _adapters, _checks
+
+__all__ = ["cross_entropy", "value_and_grad", "CrossEntropyLoss"]
+__version__ = "0.1.0"
+
+
+def cross_entropy(
+    logits,
+    target,
+    /,
+    *,
+    label_smoothing=0.0,
+    smoothing="uniform",
+    weight=None,
+    ignore_index=-100,
+    where=None,
+    reduction="mean",
+    axis=-1,
+    z_loss=0.0,
+    softcap=None,
+):
+    r"""Softmax cross-entropy with label smoothing, class weights and masking.
+
+    For one position with logits :math:`z \in \mathbb{R}^K` (along ``axis``),
+    target distribution :math:`t` (the one-hot of a class index :math:`y`, or
+    given probabilities) and class weights :math:`w` (ones by default),
+
+    .. math::
+
+        \ell = -\sum_c w_c\, q_c \log \operatorname{softmax}(z)_c
+               + \zeta\, (\log \textstyle\sum_c e^{z_c})^2,
+        \qquad q = a\, t + b\, \mathbf{1}_F,
+
+    where :math:`F` is the set of classes in play (finite logits, :math:`K' = |F|`),
+    :math:`\zeta` is ``z_loss`` and, for :math:`\varepsilon` = ``label_smoothing``,
+
+    * ``smoothing="uniform"``: :math:`a = 1-\varepsilon,\ b = \varepsilon/K'`, i.e.
+      :math:`q = (1-\varepsilon)\,t + \varepsilon/K` (PyTorch, optax, Keras);
+    * ``smoothing="exclusive"``: :math:`b = \varepsilon/(K'-1),\ a = 1-\varepsilon-b`, i.e.
+      :math:`1-\varepsilon` on the target and :math:`\varepsilon/(K-1)` on every other class
+      (fairseq, Megatron, T5X).  Exclusive at :math:`\varepsilon` equals uniform at
+      :math:`\varepsilon K/(K-1)`; for probability targets it is
+      :math:`(1-\varepsilon)\,t + \varepsilon (1-t)/(K-1)`.
+
+    Reductions follow PyTorch: ``"none"`` returns :math:`\ell_i m_i` (shape of the
+    positions), ``"sum"`` :math:`\sum_i m_i \ell_i`, and ``"mean"`` divides that sum by
+    :math:`\sum_i m_i w_{y_i}` for class indices and by :math:`\sum_i m_i` for
+    probabilities, with :math:`m_i = 0` at ignored or masked positions.  A mean
+    over nothing (every position ignored, or a zero denominator) is 0 with a zero
+    gradient, where PyTorch returns NaN.
+
+    The gradient is :math:`\partial\ell/\partial z = (\sum_c w_c q_c + 2\zeta\,\mathrm{lse})\,
+    \operatorname{softmax}(z) - w \odot q`; on PyTorch and JAX autograd runs that
+    analytic backward and keeps only O(N) values besides the logits.
+
+    Args:
+      logits: floating array of any array-API library, classes along ``axis``.
+        float16/bfloat16 are computed in float32; the loss comes back in the
+        logits' dtype.  A logit of ``-inf`` takes a class out of play: it gets
+        no smoothing mass and no gradient.
+      target: integer class indices with the logits' shape without ``axis``, or
+        floating class probabilities with the logits' shape.
+      label_smoothing: :math:`\varepsilon \in [0, 1]`, a Python float.
+      smoothing: ``"uniform"`` or ``"exclusive"`` (needs at least 2 classes).
+      weight: optional array of shape ``(K,)``, a weight per class.
+      ignore_index: class index whose positions are ignored (index targets only;
+        ``None`` for none).
+      where: optional boolean array of the positions' shape; False positions are
+        ignored (the jit-friendly mask).
+      reduction: ``"none"``, ``"sum"`` or ``"mean"``.
+      axis: the class axis (PyTorch's layout is ``axis=1``).
+      z_loss: :math:`\zeta \ge 0`, weight of the :math:`\mathrm{lse}^2` term (PaLM).
+      softcap: optional :math:`s > 0`: logits are first mapped to
+        :math:`s \tanh(z/s)` (Gemma 2).
+
+    Returns:
+      The loss: a scalar for ``"sum"``/``"mean"``, the positions' shape for ``"none"``.
+
+    Raises:
+      TypeError, ValueError: on bad input, before any computation.  Class indices
+        out of range are detected on eager arrays only (not under ``jax.jit`` or
+        ``torch.compile``).
+
+    Example:
+      >>> import numpy as np
+      >>> import xlsce
+      >>> logits = np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])
+      >>> target = np.array([0, 2])
+      >>> float(xlsce.cross_entropy(logits, target))  # log(1 + e^-1 + e^-2)
+      0.40760596444...
+      >>> float(xlsce.cross_entropy(logits, target, label_smoothing=0.3))
+      0.70760596444...
+
+    References:
+      Szegedy et al., `Rethinking the Inception Architecture for Computer Vision
+      <https://arxiv.org/abs/1512.00567>`_, 2016 (label smoothing);
+      Müller et al., `When Does Label Smoothing Help? <https://arxiv.org/abs/1906.02629>`_, 2019;
+      Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss);
+      Gemma Team, `Gemma 2 <https://arxiv.org/abs/2408.00118>`_, 2024 (soft-capping).
+    """
+    xp, cfg = _checks.validate(
+        logits,
+        target,
+        weight,
+        where,
+        label_smoothing=label_smoothing,
+        smoothing=smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        axis=axis,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    return _adapters.loss(xp, cfg, logits, target, weight, where)
+
+
+def value_and_grad(
+    logits,
+    target,
+    /,
+    *,
+    cotangent=None,
+    label_smoothing=0.0,
+    smoothing="uniform",
+    weight=None,
+    ignore_index=-100,
+    where=None,
+    reduction="mean",
+    axis=-1,
+    z_loss=0.0,
+    softcap=None,
+):
+    r"""The loss of :func:`cross_entropy` and its gradient with respect to the logits.
+
+    The gradient comes from the analytic backward, in the inputs' own library,
+    so NumPy and array-api-strict users get gradients too:
+
+    .. math::
+
+        \frac{\partial \ell_i}{\partial z_i}
+          = \Big(\sum_c w_c q_{ic} + 2\zeta\,\mathrm{lse}_i\Big)\operatorname{softmax}(z_i) - w \odot q_i,
+
+    times the reduction's factor (:math:`m_i`, or :math:`m_i / D` for ``"mean"``)
+    and the cotangent.
+
+    Args:
+      logits, target: as in :func:`cross_entropy`.
+      cotangent: the cotangent of the reduced loss (default 1; for
+        ``reduction="none"`` an array of the loss's shape, default ones), so
+        that the result is the vector-Jacobian product.
+      **keywords: the keywords of :func:`cross_entropy`.
+
+    Returns:
+      ``(loss, grad)`` with ``grad`` of the logits' shape and dtype.
+
+    Example:
+      >>> import numpy as np
+      >>> import xlsce
+      >>> logits = np.array([[2.0, 1.0, 0.0]])
+      >>> loss, grad = xlsce.value_and_grad(logits, np.array([0]), label_smoothing=0.3)
+      >>> np.round(grad, 4)  # softmax(z) - (0.8, 0.1, 0.1)
+      array([[-0.1348,  0.1447, -0.01  ]])
+    """
+    xp, cfg = _checks.validate(
+        logits,
+        target,
+        weight,
+        where,
+        label_smoothing=label_smoothing,
+        smoothing=smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        axis=axis,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    if cotangent is not None and reduction == "none":
+        if not hasattr(cotangent, "shape") or tuple(cotangent.shape) != tuple(
+            s for i, s in enumerate(logits.shape) if i != cfg.axis
+        ):
+            raise ValueError("cotangent must have the shape of the per-position loss for reduction='none'")
+    return _adapters.value_and_grad(xp, cfg, logits, target, weight, where, cotangent)
+
+
+class CrossEntropyLoss:
+    """A configured :func:`cross_entropy`: ``loss_fn(logits, target)`` on any backend.
+
+    The keywords are those of :func:`cross_entropy` and are validated when the
+    loss is called.  For a ``torch.nn.Module`` see ``xlsce.torch.CrossEntropyLoss``.
+
+    Example:
+      >>> import numpy as np
+      >>> import xlsce
+      >>> loss_fn = xlsce.CrossEntropyLoss(label_smoothing=0.1, smoothing="exclusive")
+      >>> round(float(loss_fn(np.array([[0.0, 0.0]]), np.array([1]))), 6)  # log 2
+      0.693147
+    """
+
+    def __init__(self, **keywords):
+        unknown = set(keywords) - _KEYWORDS
+        if unknown:
+            raise TypeError(f"unknown keywords {sorted(unknown)}; expected some of {sorted(_KEYWORDS)}")
+        self.keywords = keywords
+
+    def __call__(self, logits, target, /):
+        return cross_entropy(logits, target, **self.keywords)
+
+    def value_and_grad(self, logits, target, /, *, cotangent=None):
+        """:func:`value_and_grad` with this loss's keywords."""
+        return value_and_grad(logits, target, cotangent=cotangent, **self.keywords)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.keywords.items())
+        return f"xlsce.CrossEntropyLoss({args})"
+
+
+_KEYWORDS = {
+    "label_smoothing",
+    "smoothing",
+    "weight",
+    "ignore_index",
+    "where",
+    "reduction",
+    "axis",
+    "z_loss",
+    "softcap",
+}
+
+
+def __getattr__(name):
+    # `xlsce.torch` is imported on first use, so `import xlsce` never imports torch.
+    if name == "torch":
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module 'xlsce' has no attribute {name!r}")

@@ -1,0 +1,154 @@
+"""Argument validation: every check runs before any computation.
+
+Each failure is a ``TypeError`` (wrong kind of thing) or ``ValueError`` (right
+kind, wrong value) whose message names the argument and what was expected.
+Value checks on arrays (class indices in range) need concrete values: they run
+on eager arrays and are skipped under ``jax.jit``/``vmap`` and ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from . import _adapters
+from ._math import Config
+
+REDUCTIONS = ("none", "sum", "mean")
+SMOOTHINGS = ("uniform", "exclusive")
+
+
+def _number(name, value, *, low=None, high=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float (a static setting), got {type(value).__name__}")
+    value = float(value)
+    if value != value or (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _is_array(x):
+    try:
+        _adapters.namespace(x)
+    except TypeError:
+        return False
+    return True
+
+
+def validate(
+    logits,
+    target,
+    weight,
+    where,
+    *,
+    label_smoothing,
+    smoothing,
+    ignore_index,
+    reduction,
+    axis,
+    z_loss=0.0,
+    softcap=None,
+):
+    """Check every argument; return ``(xp, Config)``."""
+    for name, value in (("logits", logits), ("target", target), ("weight", weight), ("where", where)):
+        if value is not None and not _is_array(value):
+            raise TypeError(f"{name} must be an array of an array-API library, got {type(value).__name__}")
+    try:
+        xp = _adapters.namespace(logits, target, weight, where)
+    except TypeError as e:
+        libs = {
+            name: type(v).__module__.split(".")[0]
+            for name, v in (("logits", logits), ("target", target), ("weight", weight), ("where", where))
+            if v is not None
+        }
+        raise TypeError(f"logits, target, weight and where must come from one array library, got {libs}") from e
+
+    if not xp.isdtype(logits.dtype, "real floating"):
+        raise TypeError(f"logits must have a real floating dtype, got {logits.dtype}")
+    ndim = logits.ndim
+    if ndim < 1:
+        raise ValueError("logits must have at least one dimension (the class axis), got a 0-d array")
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -ndim <= axis < ndim:
+        raise ValueError(
+            f"axis must be an int in [{-ndim}, {ndim}) for logits of shape {tuple(logits.shape)}, got {axis!r}"
+        )
+    axis = int(axis) % ndim
+    k = logits.shape[axis]
+    positions = tuple(s for i, s in enumerate(logits.shape) if i != axis)
+
+    eps = _number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    if smoothing not in SMOOTHINGS:
+        raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    z_loss = _number("z_loss", z_loss, low=0.0)
+    if softcap is not None:
+        softcap = _number("softcap", softcap, low=0.0)
+        if softcap == 0 or softcap == float("inf"):
+            raise ValueError(f"softcap must be a positive finite float or None, got {softcap}")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    if smoothing == "exclusive" and k == 1:
+        raise ValueError(
+            'smoothing="exclusive" needs at least 2 classes (it puts eps/(K-1) on each other class); got K = 1'
+        )
+
+    if xp.isdtype(target.dtype, "integral"):
+        soft = False
+        if tuple(target.shape) != positions:
+            raise ValueError(
+                f"target of class indices must have the logits' shape without the class axis {positions}, "
+                f"got {tuple(target.shape)} (logits {tuple(logits.shape)}, axis={axis})"
+            )
+    elif xp.isdtype(target.dtype, "real floating"):
+        soft = True
+        if tuple(target.shape) != tuple(logits.shape):
+            raise ValueError(
+                f"target of class probabilities must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}"
+            )
+        if ignore_index is not None and ignore_index >= 0:
+            raise ValueError(
+                "ignore_index is not supported with probability targets (use where= to mask positions); "
+                f"got ignore_index={ignore_index}"
+            )
+    else:
+        raise TypeError(f"target must hold integer class indices or floating probabilities, got dtype {target.dtype}")
+
+    if weight is not None:
+        if not xp.isdtype(weight.dtype, "real floating"):
+            raise TypeError(f"weight must have a real floating dtype, got {weight.dtype}")
+        if tuple(weight.shape) != (k,):
+            raise ValueError(f"weight must have shape ({k},) (one per class), got {tuple(weight.shape)}")
+        if _adapters.is_torch(weight):
+            _adapters.check_torch_weight(weight)
+    if where is not None:
+        if where.dtype != xp.bool:
+            raise TypeError(f"where must be a boolean array, got dtype {where.dtype}")
+        if tuple(where.shape) != positions:
+            raise ValueError(f"where must have the shape of the target positions {positions}, got {tuple(where.shape)}")
+
+    if not soft and not any(_adapters.is_traced(a) for a in (target, where) if a is not None):
+        bad = (target < 0) | (target >= k)
+        if ignore_index is not None:
+            info = xp.iinfo(target.dtype)
+            if info.min <= ignore_index <= info.max:
+                bad = bad & (target != ignore_index)
+        if where is not None:
+            bad = bad & where
+        if bool(xp.any(bad)):
+            raise ValueError(
+                f"target holds class indices outside [0, {k}) that are neither ignore_index ({ignore_index}) nor masked by where"
+            )
+
+    cfg = Config(
+        axis=axis,
+        eps=eps,
+        exclusive=smoothing == "exclusive",
+        reduction=reduction,
+        ignore_index=None if soft else (None if ignore_index is None else int(ignore_index)),
+        soft=soft,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    return xp, cfg

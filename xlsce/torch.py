@@ -1,0 +1,87 @@
+"""PyTorch module wrapper: ``xlsce.torch.CrossEntropyLoss``, a drop-in for ``torch.nn.CrossEntropyLoss``."""
+
+from __future__ import annotations
+
+import torch
+
+from . import cross_entropy
+
+__all__ = ["CrossEntropyLoss"]
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    r"""Drop-in replacement for :class:`torch.nn.CrossEntropyLoss`, plus ``smoothing``.
+
+    Same arguments, defaults and layout (classes along dimension 1, or an
+    unbatched ``(C,)`` input) as PyTorch; computes :func:`xlsce.cross_entropy`
+    with ``axis=1`` (``axis=0`` for unbatched input).  ``weight`` is registered
+    as a buffer, so ``.to(device)`` moves it.
+
+    Differences from PyTorch (all deliberate): a ``"mean"`` over no valid
+    position is 0 (PyTorch: NaN); ``label_smoothing < 0`` raises (PyTorch treats
+    it as 0); a ``-inf`` logit takes its class out of play instead of making the
+    smoothed loss infinite; class indices out of range raise ``ValueError``.
+
+    Args:
+      weight: optional ``(C,)`` tensor of class weights.
+      size_average, reduce: deprecated PyTorch arguments; must be None.
+      ignore_index: class index to ignore (index targets).
+      reduction: ``"none"``, ``"sum"`` or ``"mean"``.
+      label_smoothing: :math:`\varepsilon \in [0, 1]`.
+      smoothing: ``"uniform"`` (PyTorch's) or ``"exclusive"`` (fairseq's).
+      z_loss, softcap: see :func:`xlsce.cross_entropy`.
+
+    Example:
+      >>> import torch
+      >>> import xlsce.torch
+      >>> loss_fn = xlsce.torch.CrossEntropyLoss(label_smoothing=0.1)
+      >>> logits = torch.zeros(4, 3, requires_grad=True)
+      >>> loss = loss_fn(logits, torch.tensor([0, 1, 2, 0]))
+      >>> loss.backward()
+      >>> round(loss.item(), 6)  # log 3
+      1.098612
+    """
+
+    def __init__(
+        self,
+        weight=None,
+        size_average=None,
+        ignore_index=-100,
+        reduce=None,
+        reduction="mean",
+        label_smoothing=0.0,
+        *,
+        smoothing="uniform",
+        z_loss=0.0,
+        softcap=None,
+    ):
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            raise ValueError("size_average and reduce are deprecated in PyTorch and not supported; use reduction=")
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.smoothing = smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+
+    def forward(self, input, target):
+        return cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            smoothing=self.smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            axis=1 if input.ndim > 1 else 0,
+        )
+
+    def extra_repr(self):
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, smoothing={self.smoothing!r}"
+        )
