@@ -13,7 +13,6 @@ Frameworks are imported lazily: importing xlsce imports neither torch nor jax.
 from __future__ import annotations
 
 import functools
-import sys
 
 import array_api_compat
 
@@ -36,12 +35,12 @@ def is_jax(x) -> bool:
 
 def is_traced(x) -> bool:
     """True where array values cannot be read: jax tracers, torch.compile, lazy arrays."""
-    if array_api_compat.is_lazy_array(x):
-        return True
-    if "jax" in sys.modules and is_jax(x):
+    if is_jax(x):  # array-api-compat calls every jax array lazy; only tracers are
         import jax
 
         return isinstance(x, jax.core.Tracer)
+    if array_api_compat.is_lazy_array(x):
+        return True
     if is_torch(x):
         import torch
 

@@ -109,8 +109,8 @@ def _coefficients(xp, cfg: Config, k_eff):
 def _times(xp, c, x):
     """c * x with 0 wherever c == 0, also where x is infinite (0 * log 0 = 0)."""
     if isinstance(c, float):
-        return c * x if c != 0 else 0.0 * xp.zeros_like(x)
-    return xp.where(c == 0, 0.0, c * x)
+        return c * x if c != 0 else xp.zeros_like(x)
+    return c * xp.where(c == 0, 0.0, x)
 
 
 def forward(xp, cfg: Config, logits, target, weight=None, where=None):
@@ -125,10 +125,10 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None):
     m = xp.max(z, axis=ax, keepdims=True)
     m = xp.where(m == -xp.inf, 0.0, m)
     zs = z - m
-    log_s = xp.log(xp.sum(xp.exp(zs), axis=ax, keepdims=True))
-    lse = m + log_s
-    lse_safe = xp.where(lse == -xp.inf, 0.0, lse)
-    log_s = lse_safe - m
+    s = xp.sum(xp.exp(zs), axis=ax, keepdims=True)
+    empty = s == 0  # every logit -inf: lse = -inf, kept out of the arithmetic
+    log_s = xp.log(xp.where(empty, 1.0, s))
+    lse_safe = m + log_s
 
     # Smoothing: sums over the classes in play.
     if cfg.eps > 0:
@@ -171,11 +171,11 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None):
 
     loss = -(target_part + smooth)
     if cfg.z_loss:
-        loss = loss + cfg.z_loss * lse * lse
+        loss = loss + xp.where(empty, xp.inf, cfg.z_loss * lse_safe * lse_safe)
         coef = coef + 2.0 * cfg.z_loss * lse_safe
 
     # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf).
-    one = xp.ones_like(lse)
+    one = xp.ones_like(lse_safe)
     vm = one if valid is None else xp.astype(valid, dt)
     if valid is not None:
         loss = xp.where(valid, loss, 0.0)

@@ -1,0 +1,330 @@
+"""The worked example derived by hand, edge cases and bad input, on every backend."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import Backend, xp_assert_close
+
+import xlsce
+
+# ---------------------------------------------------------------- worked example, by hand
+#
+# logits log([1, 2, 5]) and log([3, 3, 2]): softmax is exactly [1, 2, 5]/8 and [3, 3, 2]/8.
+# Targets 2 and 0.  With K = 3 and eps = 0.1:
+#   uniform   q = 0.9 * onehot + 0.1/3           -> target 0.9333.., others 0.0333..
+#   exclusive q = 0.9 on the target, 0.05 elsewhere
+# loss_i = -sum_c q_c log p_c, mean over the 2 samples; gradient (p - q) / 2.
+
+P = np.array([[1.0, 2.0, 5.0], [3.0, 3.0, 2.0]]) / 8
+LOGITS = np.log(P * 8)
+TARGET = np.array([2, 0])
+
+
+def _hand(q):
+    loss = -(sum(q[0, c] * math.log(P[0, c]) for c in range(3)) + sum(q[1, c] * math.log(P[1, c]) for c in range(3))) / 2
+    return loss, (P - q) / 2
+
+
+HAND = {
+    ("uniform", 0.0): _hand(np.array([[0, 0, 1.0], [1.0, 0, 0]])),
+    ("uniform", 0.1): _hand(np.array([[1, 1, 28.0], [28.0, 1, 1]]) / 30),
+    ("exclusive", 0.1): _hand(np.array([[0.05, 0.05, 0.9], [0.9, 0.05, 0.05]])),
+}
+
+
+def test_hand_values_are_what_they_claim():
+    # standard CE is (log(8/5) + log(8/3)) / 2: a check on the derivation itself
+    assert HAND[("uniform", 0.0)][0] == pytest.approx((math.log(8 / 5) + math.log(8 / 3)) / 2, rel=1e-15)
+
+
+@pytest.mark.parametrize(("smoothing", "eps"), list(HAND))
+def test_worked_example(backend, smoothing, eps):
+    loss, grad = xlsce.value_and_grad(
+        backend.asarray(LOGITS), backend.asarray(TARGET), label_smoothing=eps, smoothing=smoothing
+    )
+    expected_loss, expected_grad = HAND[(smoothing, eps)]
+    xp_assert_close(loss, expected_loss, rtol=1e-14)
+    xp_assert_close(grad, expected_grad, atol=1e-15)
+    xp_assert_close(
+        xlsce.cross_entropy(backend.asarray(LOGITS), backend.asarray(TARGET), label_smoothing=eps, smoothing=smoothing),
+        expected_loss,
+        rtol=1e-14,
+    )
+
+
+def test_main_job_runs():
+    out = subprocess.run([sys.executable, "-m", "xlsce"], capture_output=True, text=True, check=True).stdout
+    assert "largest disagreement" in out and "exclusive" in out
+
+
+def test_import_does_not_import_frameworks():
+    code = "import sys, xlsce; xlsce.CrossEntropyLoss(); assert 'torch' not in sys.modules and 'jax' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- edge cases
+
+
+def test_k_equals_one(backend):
+    # one class: q = 1 whatever eps (uniform), the loss and gradient are 0
+    z = backend.asarray(np.array([[3.0], [-2.0]]))
+    y = backend.asarray(np.array([0, 0]))
+    loss, grad = xlsce.value_and_grad(z, y, label_smoothing=0.3)
+    xp_assert_close(loss, 0.0)
+    xp_assert_close(grad, np.zeros((2, 1)))
+    with pytest.raises(ValueError, match="exclusive"):
+        xlsce.cross_entropy(z, y, smoothing="exclusive", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_batch(backend, reduction):
+    z = backend.asarray(np.zeros((0, 4)))
+    y = backend.asarray(np.zeros((0,), dtype=np.int64))
+    loss, grad = xlsce.value_and_grad(z, y, label_smoothing=0.1, reduction=reduction)
+    assert tuple(grad.shape) == (0, 4)
+    if reduction == "none":
+        assert tuple(loss.shape) == (0,)
+    else:
+        xp_assert_close(loss, 0.0)
+
+
+@pytest.mark.parametrize("how", ["ignore_index", "where", "zero_weight"])
+def test_mean_over_nothing_is_zero(backend, how):
+    z = backend.asarray(np.random.default_rng(0).normal(size=(3, 4)))
+    kw = {"label_smoothing": 0.2}
+    if how == "ignore_index":
+        y = backend.asarray(np.array([-100, -100, -100]))
+    else:
+        y = backend.asarray(np.array([0, 1, 0]))
+        if how == "where":
+            kw["where"] = backend.asarray(np.zeros(3, dtype=bool))
+        else:
+            kw["weight"] = backend.asarray(np.array([0.0, 0.0, 1.0, 1.0]))
+    loss, grad = xlsce.value_and_grad(z, y, **kw)
+    xp_assert_close(loss, 0.0)
+    xp_assert_close(grad, np.zeros((3, 4)))
+
+
+def test_where_is_ignore_index(backend):
+    rng = np.random.default_rng(1)
+    z = backend.asarray(rng.normal(size=(6, 5)))
+    y = np.array([0, 1, 2, 3, 4, 0])
+    mask = np.array([True, False, True, True, False, True])
+    kw = {"label_smoothing": 0.1, "weight": backend.asarray(rng.uniform(0.5, 2, size=5))}
+    by_where = xlsce.value_and_grad(z, backend.asarray(y), where=backend.asarray(mask), **kw)
+    by_index = xlsce.value_and_grad(z, backend.asarray(np.where(mask, y, -100)), **kw)
+    for a, b in zip(by_where, by_index, strict=True):
+        xp_assert_close(a, b, rtol=1e-14)
+
+
+@pytest.mark.parametrize("smoothing", ["uniform", "exclusive"])
+def test_huge_logits_are_exact(backend, smoothing):
+    # Shifting every logit by a constant changes nothing; a naive exp overflows at 1e4.
+    base = np.array([[0.0, -1.0, -3.0, 2.0], [1.0, 0.5, 0.25, 0.0]])
+    y = backend.asarray(np.array([1, 3]))
+    ref = xlsce.value_and_grad(backend.asarray(base), y, label_smoothing=0.1, smoothing=smoothing)
+    for shift in (1e4, -1e4, 1e6):
+        out = xlsce.value_and_grad(backend.asarray(base + shift), y, label_smoothing=0.1, smoothing=smoothing)
+        xp_assert_close(out[0], ref[0], rtol=1e-9)
+        xp_assert_close(out[1], ref[1], atol=1e-10)
+
+
+def test_huge_logits_by_hand(backend):
+    # logits (1e4, -1e4, 0), target 1: lse = 1e4 (the other terms are < e^-10000), so -lp = (0, 2e4, 1e4)
+    # uniform eps = 0.3: 0.7 * 2e4 + 0.1 * (0 + 2e4 + 1e4) = 17000
+    for dtype in (np.float32, np.float64):
+        z = backend.asarray(np.array([[1e4, -1e4, 0.0]], dtype=dtype))
+        loss, grad = xlsce.value_and_grad(z, backend.asarray(np.array([1])), label_smoothing=0.3)
+        xp_assert_close(loss, 17000.0, rtol=1e-7)
+        # softmax is (1, 0, 0): gradient (1, 0, 0) - (0.1, 0.8, 0.1)
+        xp_assert_close(grad, np.array([[0.9, -0.8, -0.1]]), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("smoothing", "q_target", "q_other"),
+    [("uniform", 0.95, 0.05), ("exclusive", 0.9, 0.1)],
+)
+def test_minus_inf_logit_is_out_of_play(backend, smoothing, q_target, q_other):
+    # logits (0, -inf, 0), target 0, eps 0.1: two classes in play with p = (1/2, 0, 1/2).
+    # uniform gives eps/2 to each class in play; exclusive gives eps/(2-1) to the other one.
+    z = backend.asarray(np.array([[0.0, -np.inf, 0.0]]))
+    y = backend.asarray(np.array([0]))
+    loss, grad = xlsce.value_and_grad(z, y, label_smoothing=0.1, smoothing=smoothing)
+    xp_assert_close(loss, math.log(2), rtol=1e-14)
+    xp_assert_close(grad, np.array([[0.5 - q_target, 0.0, 0.5 - q_other]]), atol=1e-15)
+
+
+def test_minus_inf_never_nan(backend):
+    z = np.array(
+        [
+            [0.0, -np.inf, 1.0],  # target in play
+            [-np.inf, 0.0, 1.0],  # target -inf: infinite loss
+            [-np.inf, -np.inf, -np.inf],  # nothing in play, ignored
+            [-np.inf, -np.inf, -np.inf],  # nothing in play, counted: infinite loss
+            [2.0, -np.inf, -np.inf],  # only the target in play: loss 0
+        ]
+    )
+    y = np.array([2, 0, -100, 1, 0])
+    w = np.array([1.0, 2.0, 0.5])
+    for smoothing in ("uniform", "exclusive"):
+        for weight in (None, backend.asarray(w)):
+            loss, grad = xlsce.value_and_grad(
+                backend.asarray(z),
+                backend.asarray(y),
+                label_smoothing=0.2,
+                smoothing=smoothing,
+                weight=weight,
+                reduction="none",
+                z_loss=1e-3,
+            )
+            loss, grad = backend.to_numpy(loss), backend.to_numpy(grad)
+            assert not np.isnan(loss).any() and not np.isnan(grad).any()
+            assert np.isfinite(loss[[0, 2, 4]]).all() and loss[2] == 0
+            assert loss[1] == np.inf and loss[3] == np.inf
+            assert loss[4] == pytest.approx(1e-3 * 4.0)  # z-loss only: lse = 2
+            # classes out of play get no gradient; a -inf *target* keeps the limit -a*w_y of its gradient
+            out_of_play = np.isinf(z)
+            out_of_play[[1, 3], [0, 1]] = False
+            assert (grad[out_of_play] == 0).all()
+            assert np.all(grad[[1, 3], [0, 1]] < 0)
+
+
+HALF = [("numpy", "float16"), ("jax", "float16"), ("torch", "float16"), ("jax", "bfloat16"), ("torch", "bfloat16")]
+
+
+@pytest.mark.parametrize(("name", "dtype"), HALF)  # array_api_strict has no half dtypes, numpy no bfloat16
+def test_half_precision(name, dtype):
+    pytest.importorskip(name)
+    backend = Backend(name)
+    rng = np.random.default_rng(2)
+    x64 = rng.normal(scale=4, size=(64, 50))
+    y = backend.asarray(rng.integers(0, 50, size=64))
+    if backend.name == "torch":
+        x = backend.asarray(x64).to(getattr(backend.xp, dtype))
+    else:
+        x = backend.asarray(x64).astype(getattr(backend.xp, dtype))
+    x_rounded = backend.to_numpy(x.float() if backend.name == "torch" else x.astype(backend.xp.float32)).astype(np.float64)
+    loss, grad = xlsce.value_and_grad(x, y, label_smoothing=0.1, reduction="sum")
+    assert loss.dtype == x.dtype and grad.dtype == x.dtype
+    ref_loss, ref_grad = xlsce.value_and_grad(
+        backend.asarray(x_rounded), y, label_smoothing=0.1, reduction="sum"
+    )  # the same logits in float64: only the output rounding differs
+    rtol = 1e-2 if dtype == "bfloat16" else 1e-3
+    to64 = (lambda a: a.float()) if backend.name == "torch" else (lambda a: a.astype(backend.xp.float32))
+    xp_assert_close(to64(loss), ref_loss, rtol=rtol)
+    xp_assert_close(to64(grad), ref_grad, atol=rtol)
+
+
+@pytest.mark.parametrize("name", ["numpy", "jax", "torch"])
+def test_half_precision_mean_does_not_overflow_internally(name):
+    # 8192 positions of loss ~ 10: their sum (~8e4) exceeds float16's max 65504; it stays in float32 inside.
+    pytest.importorskip(name)
+    backend = Backend(name)
+    x = np.zeros((8192, 8))
+    x[:, 0] = 10.0
+    y = backend.asarray(np.full(8192, 1))
+    xh = backend.asarray(x.astype(np.float16))
+    mean = xlsce.cross_entropy(xh, y)
+    xp_assert_close(mean.float() if backend.name == "torch" else mean.astype(np.float32), 10.0 + math.log1p(7 * math.exp(-10)), rtol=1e-3)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _inputs(backend, n=4, k=3):
+    rng = np.random.default_rng(3)
+    return backend.asarray(rng.normal(size=(n, k))), backend.asarray(rng.integers(0, k, size=n))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"label_smoothing": -0.1}, ValueError, "label_smoothing"),
+        ({"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+        ({"label_smoothing": float("nan")}, ValueError, "label_smoothing"),
+        ({"label_smoothing": "0.1"}, TypeError, "label_smoothing"),
+        ({"reduction": "avg"}, ValueError, "reduction"),
+        ({"smoothing": "fairseq"}, ValueError, "smoothing"),
+        ({"axis": 2}, ValueError, "axis"),
+        ({"axis": 1.0}, ValueError, "axis"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index"),
+        ({"z_loss": -1.0}, ValueError, "z_loss"),
+        ({"softcap": 0.0}, ValueError, "softcap"),
+    ],
+)
+def test_bad_settings(backend, kwargs, error, match):
+    z, y = _inputs(backend)
+    with pytest.raises(error, match=match):
+        xlsce.cross_entropy(z, y, **kwargs)
+    with pytest.raises(error, match=match):
+        xlsce.value_and_grad(z, y, **kwargs)
+
+
+def test_bad_arrays(backend):
+    z, y = _inputs(backend)
+    a = backend.asarray
+    with pytest.raises(ValueError, match="target of class indices must have"):
+        xlsce.cross_entropy(z, a(np.zeros(5, dtype=np.int64)))
+    with pytest.raises(ValueError, match="target of class probabilities must have"):
+        xlsce.cross_entropy(z, a(np.full((4, 2), 0.5)))
+    with pytest.raises(TypeError, match="logits must have a real floating dtype"):
+        xlsce.cross_entropy(a(np.zeros((4, 3), dtype=np.int64)), y)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        xlsce.cross_entropy(a(np.float64(1.0)), y)
+    with pytest.raises(TypeError, match="target must hold integer class indices or floating probabilities"):
+        xlsce.cross_entropy(z, a(np.zeros(4, dtype=bool)))
+    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+        xlsce.cross_entropy(z, a(np.array([0, 1, 3, 0])))
+    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+        xlsce.cross_entropy(z, a(np.array([0, 1, -1, 0])))
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        xlsce.cross_entropy(z, y, weight=a(np.ones(4)))
+    with pytest.raises(TypeError, match="weight must have a real floating dtype"):
+        xlsce.cross_entropy(z, y, weight=a(np.ones(3, dtype=np.int64)))
+    with pytest.raises(TypeError, match="where must be a boolean"):
+        xlsce.cross_entropy(z, y, where=a(np.ones(4)))
+    with pytest.raises(ValueError, match="where must have the shape"):
+        xlsce.cross_entropy(z, y, where=a(np.ones(3, dtype=bool)))
+    with pytest.raises(ValueError, match="ignore_index is not supported with probability targets"):
+        xlsce.cross_entropy(z, a(np.full((4, 3), 1 / 3)), ignore_index=0)
+    with pytest.raises(TypeError, match="logits must be an array"):
+        xlsce.cross_entropy([[0.0, 1.0]], y)
+    with pytest.raises(ValueError, match="cotangent"):
+        xlsce.value_and_grad(z, y, reduction="none", cotangent=a(np.ones(3)))
+
+
+def test_out_of_range_allowed_where_masked(backend):
+    z, _ = _inputs(backend)
+    a = backend.asarray
+    y = a(np.array([0, 7, 2, -5]))
+    loss = xlsce.cross_entropy(z, y, where=a(np.array([True, False, True, False])))
+    ref = xlsce.cross_entropy(z, a(np.array([0, -100, 2, -100])))
+    xp_assert_close(loss, ref, rtol=1e-15)
+
+
+def test_mixed_libraries():
+    torch = pytest.importorskip("torch")
+    z = np.zeros((2, 3))
+    with pytest.raises(TypeError, match="one array library"):
+        xlsce.cross_entropy(z, torch.tensor([0, 1]))
+
+
+def test_weight_requiring_grad_is_refused():
+    torch = pytest.importorskip("torch")
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(TypeError, match="weight must not require grad"):
+        xlsce.cross_entropy(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]), weight=w)
+
+
+def test_loss_object(backend):
+    z, y = _inputs(backend)
+    fn = xlsce.CrossEntropyLoss(label_smoothing=0.1, smoothing="exclusive")
+    xp_assert_close(fn(z, y), xlsce.cross_entropy(z, y, label_smoothing=0.1, smoothing="exclusive"), rtol=1e-15)
+    xp_assert_close(fn.value_and_grad(z, y)[1], xlsce.value_and_grad(z, y, label_smoothing=0.1, smoothing="exclusive")[1])
+    with pytest.raises(TypeError, match="unknown keywords"):
+        xlsce.CrossEntropyLoss(label_smothing=0.1)
