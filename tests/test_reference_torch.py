@@ -1,0 +1,199 @@
+"""Parity with ``torch.nn.functional.cross_entropy`` (the reference), float64, values and gradients.
+
+Every combination of class weight x ignore_index x label smoothing x reduction x
+index/probability targets x input rank ((C,), (N, C), (N, C, d1), (N, C, d1, d2))
+is computed once with PyTorch (``F.cross_entropy`` and its autograd gradient) and
+compared with xlsce (``axis=1``, or ``axis=0`` unbatched) on every backend of the
+``backend`` fixture: the analytic ``xlsce.value_and_grad`` everywhere, plus
+``loss.backward()`` on torch and ``jax.vjp`` on JAX.
+
+Deliberate differences (documented in ``xlsce.cross_entropy``) are checked
+against what PyTorch actually does: a 'mean' over no valid position is NaN in
+PyTorch and 0 with a zero gradient in xlsce; a negative ε is silently treated
+as 0 by PyTorch and is an error in xlsce.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+
+import numpy as np
+import pytest
+from conftest import xp_assert_close
+
+import xlsce
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+K = 4
+SHAPES = {  # logits shapes, classes along axis 1 (axis 0 for the unbatched input)
+    "C": (K,),
+    "NC": (5, K),
+    "NCd": (2, K, 3),
+    "NCdd": (2, K, 2, 3),
+}
+WEIGHTS = ("none", "random")
+IGNORES = ("none_present", "some_ignored", "custom_value")
+EPSILONS = (0.0, 0.1, 0.7, 1.0)
+REDUCTIONS = ("none", "sum", "mean")
+
+CASES = [
+    pytest.param(
+        rank, weight, ignore, eps, reduction, "index", id=f"{rank}-w_{weight}-{ignore}-eps{eps}-{reduction}-index"
+    )
+    for rank, weight, ignore, eps, reduction in itertools.product(SHAPES, WEIGHTS, IGNORES, EPSILONS, REDUCTIONS)
+] + [
+    # ignore_index does not apply to probability targets (PyTorch ignores it; xlsce rejects a non-negative one).
+    pytest.param(
+        rank, weight, "none_present", eps, reduction, "prob", id=f"{rank}-w_{weight}-eps{eps}-{reduction}-prob"
+    )
+    for rank, weight, eps, reduction in itertools.product(SHAPES, WEIGHTS, EPSILONS, REDUCTIONS)
+]
+
+
+def _problem(rank, weight, ignore, eps, reduction, kind):
+    """NumPy inputs and keyword arguments for one case (deterministic per case)."""
+    rng = np.random.default_rng(zlib.crc32(f"{rank}{weight}{ignore}{eps}{reduction}{kind}".encode()))
+    shape = SHAPES[rank]
+    axis = 0 if len(shape) == 1 else 1
+    positions = tuple(s for i, s in enumerate(shape) if i != axis)
+    x = rng.normal(scale=2.0, size=shape)
+    kw = dict(label_smoothing=eps, reduction=reduction)
+    kw["weight"] = rng.uniform(0.2, 3.0, size=K) if weight == "random" else None
+    if kind == "prob":
+        t = np.exp(rng.normal(size=shape))
+        t = t / t.sum(axis=axis, keepdims=True)
+        kw["ignore_index"] = -100
+    else:
+        t = rng.integers(0, K, size=positions).astype(np.int64)
+        flat = t.reshape(-1)  # a view: writes go to t
+        flat[0] = 0  # position 0 always counts, so 'mean' never divides by zero here
+        if ignore == "none_present":
+            kw["ignore_index"] = -100
+        elif ignore == "some_ignored":
+            kw["ignore_index"] = -100
+            flat[1::3] = -100
+        else:  # a valid class id used as ignore_index: its positions are dropped
+            kw["ignore_index"] = 1
+            flat[1::3] = 1
+    cotangent = rng.normal(size=positions) if reduction == "none" else None
+    return x, t, kw, axis, cotangent
+
+
+def _torch_reference(x, t, kw, cotangent):
+    """PyTorch's loss and its autograd gradient w.r.t. the logits (the reference)."""
+    xt = torch.tensor(x, requires_grad=True)
+    weight = None if kw["weight"] is None else torch.tensor(kw["weight"])
+    loss = F.cross_entropy(
+        xt,
+        torch.tensor(t),
+        weight=weight,
+        ignore_index=kw["ignore_index"],
+        reduction=kw["reduction"],
+        label_smoothing=kw["label_smoothing"],
+    )
+    g = torch.ones(()) if cotangent is None else torch.tensor(cotangent)
+    loss.backward(g.to(loss.dtype))
+    return loss.detach().numpy(), xt.grad.numpy()
+
+
+def _xlsce_results(backend, x, t, kw, axis, cotangent):
+    """[(how, loss, dloss/dlogits)] from xlsce on ``backend``: analytic, and native autodiff where there is one."""
+    X, T = backend.asarray(x), backend.asarray(t)
+    kws = dict(kw, axis=axis, weight=None if kw["weight"] is None else backend.asarray(kw["weight"]))
+    ct = None if cotangent is None else backend.asarray(cotangent)
+    loss, grad = xlsce.value_and_grad(X, T, cotangent=ct, **kws)
+    out = [("value_and_grad", loss, grad)]
+    if backend.name == "torch":
+        Xg = X.clone().requires_grad_(True)
+        loss = xlsce.cross_entropy(Xg, T, **kws)
+        loss.backward(torch.ones((), dtype=loss.dtype) if ct is None else ct)
+        out.append(("torch autograd", loss, Xg.grad))
+    elif backend.name == "jax":
+        import jax
+
+        loss, vjp = jax.vjp(lambda z: xlsce.cross_entropy(z, T, **kws), X)
+        (grad,) = vjp(jax.numpy.ones(()) if ct is None else ct)
+        out.append(("jax.vjp", loss, grad))
+    return out
+
+
+@pytest.mark.parametrize("rank, weight, ignore, eps, reduction, kind", CASES)
+def test_matches_torch(backend, rank, weight, ignore, eps, reduction, kind):
+    x, t, kw, axis, cotangent = _problem(rank, weight, ignore, eps, reduction, kind)
+    ref_loss, ref_grad = _torch_reference(x, t, kw, cotangent)
+    assert np.all(np.isfinite(ref_loss)) and np.all(np.isfinite(ref_grad))
+    for how, loss, grad in _xlsce_results(backend, x, t, kw, axis, cotangent):
+        assert tuple(loss.shape) == ref_loss.shape, how
+        assert tuple(grad.shape) == x.shape, how
+        xp_assert_close(loss, ref_loss, err_msg=f"loss ({how})")
+        xp_assert_close(grad, ref_grad, err_msg=f"gradient ({how})")
+
+
+def test_cases_cover_the_grid():
+    """The grid really holds every combination (guards against a silently shrunken parametrization)."""
+    n_index = len(SHAPES) * len(WEIGHTS) * len(IGNORES) * len(EPSILONS) * len(REDUCTIONS)
+    n_prob = len(SHAPES) * len(WEIGHTS) * len(EPSILONS) * len(REDUCTIONS)
+    assert len(CASES) == n_index + n_prob == 384
+
+
+# --------------------------------------------------------------------------- deliberate differences
+
+
+NOTHING_CASES = [
+    (how, weight, eps)
+    for how, weight, eps in itertools.product(
+        ("all_ignored", "custom_ignore_all", "zero_class_weights", "empty_batch"), (False, True), (0.0, 0.3)
+    )
+    if weight or how != "zero_class_weights"  # a zero denominator from class weights needs weights
+]
+
+
+@pytest.mark.parametrize("how, weight, eps", NOTHING_CASES)
+def test_mean_over_nothing_is_zero_where_torch_gives_nan(backend, how, weight, eps):
+    rng = np.random.default_rng(7)
+    n = 0 if how == "empty_batch" else 3
+    x = rng.normal(size=(n, K, 2))
+    w = rng.uniform(0.5, 2.0, size=K) if weight else None
+    ignore_index = -100
+    if how == "all_ignored":
+        t = np.full((n, 2), -100, dtype=np.int64)
+    elif how == "custom_ignore_all":
+        t = np.full((n, 2), 2, dtype=np.int64)
+        ignore_index = 2
+    elif how == "zero_class_weights":  # every valid target's class weighs 0: the denominator sum_i w[y_i] is 0
+        t = np.array([[0, -100], [1, 1], [-100, 0]], dtype=np.int64)
+        w = np.array([0.0, 0.0, 1.5, 2.0])
+    else:
+        t = np.zeros((0, 2), dtype=np.int64)
+
+    xt = torch.tensor(x, requires_grad=True)
+    ref = F.cross_entropy(
+        xt,
+        torch.tensor(t),
+        weight=None if w is None else torch.tensor(w),
+        ignore_index=ignore_index,
+        label_smoothing=eps,
+    )
+    assert torch.isnan(ref), "PyTorch gives NaN for a mean over nothing"
+
+    kw = dict(label_smoothing=eps, ignore_index=ignore_index, weight=w, reduction="mean")
+    for how_, loss, grad in _xlsce_results(backend, x, t, kw, 1, None):
+        assert tuple(loss.shape) == ()
+        xp_assert_close(loss, np.zeros(()), rtol=0, atol=0, err_msg=f"loss ({how_})")
+        xp_assert_close(grad, np.zeros_like(x), rtol=0, atol=0, err_msg=f"gradient ({how_})")
+
+
+def test_negative_label_smoothing_raises_where_torch_ignores_it(backend):
+    rng = np.random.default_rng(3)
+    x, t = rng.normal(size=(3, K)), np.array([0, 1, 3])
+    # PyTorch silently treats a negative epsilon as 0 ...
+    torch.testing.assert_close(
+        F.cross_entropy(torch.tensor(x), torch.tensor(t), label_smoothing=-0.1),
+        F.cross_entropy(torch.tensor(x), torch.tensor(t)),
+    )
+    # ... xlsce refuses it, naming the argument.
+    with pytest.raises(ValueError, match="label_smoothing"):
+        xlsce.cross_entropy(backend.asarray(x), backend.asarray(t), axis=1, label_smoothing=-0.1)
