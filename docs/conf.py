@@ -1,0 +1,125 @@
+"""Sphinx configuration of the xlsce documentation.
+
+Build: ``python -m sphinx -W --keep-going -b html docs docs/_build/html``.
+At ``builder-inited`` this file (1) draws the label-smoothing figure with
+``docs/margin_figure.py`` and (2) writes the include file of the Benchmarks page
+from ``docs/benchmarks/`` (or a placeholder when the benchmarks were not run yet).
+Both go to ``docs/_generated/`` (not tracked).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # the xlsce package of this checkout
+sys.path.insert(0, str(HERE))  # margin_figure.py
+
+import xlsce  # noqa: E402
+
+project = "xlsce"
+author = "the xlsce developers"
+copyright = "the xlsce developers"
+release = xlsce.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "myst_parser",
+]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+root_doc = "index"
+# benchmarks/ and _generated/ hold files that pages include; they are not pages themselves.
+exclude_patterns = ["_build", "_generated", "benchmarks"]
+
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
+myst_heading_anchors = 3
+# The benchmark tables are written by `python -m benchmarks`, not by hand: do not fail on their heading levels.
+suppress_warnings = ["myst.header"]
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "none"
+autodoc_default_options = {"members": True, "undoc-members": False}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+
+html_theme = "furo"
+html_title = f"xlsce {release}"
+pygments_style = "default"
+
+
+def _rebase(markdown: str, prefix: str) -> str:
+    """``markdown`` moved one heading level down, its relative link and image targets prefixed with ``prefix``.
+
+    The Benchmarks page shows ``docs/benchmarks/results.md`` under its own "Results" heading, and the
+    included text's paths must resolve from ``docs/`` (MyST resolves them relative to the including page).
+    """
+    link = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
+    directive = re.compile(r"^(\s*(?:```|:::)\{(?:figure|image)\}\s+)(\S+)")
+
+    def rebase(target: str) -> str:
+        absolute = re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:|^#|^/", target)
+        return target if absolute else prefix + target
+
+    out, fence = [], None
+    for line in markdown.splitlines():
+        stripped = line.lstrip()
+        opening = re.match(r"^(`{3,}|~{3,})", stripped)
+        if fence is None and opening and not re.match(r"^(`{3,}|~{3,})\{(figure|image)\}", stripped):
+            fence = opening.group(1)
+        elif fence is not None and stripped.startswith(fence):
+            fence = None
+        elif fence is None:
+            if re.match(r"^#{1,5} ", line):
+                line = "#" + line
+            line = link.sub(lambda m: m.group(1) + rebase(m.group(2)) + m.group(3), line)
+            line = directive.sub(lambda m: m.group(1) + rebase(m.group(2)), line)
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _benchmark_include(gen: Path) -> None:
+    """Write ``_generated/benchmark_results.md``: the results of ``python -m benchmarks`` or a placeholder."""
+    bench = HERE / "benchmarks"
+    results, chart, raw = bench / "results.md", bench / "ratios.png", bench / "results.json"
+    text = results.read_text(encoding="utf-8") if results.exists() else ""
+    parts = []
+    if text:
+        parts.append(_rebase(text, "benchmarks/"))
+    else:
+        parts.append(
+            ":::{note}\nNo benchmark results in this checkout yet: `docs/benchmarks/results.md` is written by\n"
+            "`python -m benchmarks` (see above).  Run it and rebuild the documentation to see the table here.\n:::\n"
+        )
+    if chart.exists() and "ratios.png" not in text:
+        parts.append(
+            "```{figure} benchmarks/ratios.png\n:alt: time ratios of xlsce to the native losses\n\n"
+            "Time of xlsce divided by the time of the backend's native loss (below 1: xlsce is faster).\n```\n"
+        )
+    if raw.exists():
+        parts.append("The raw numbers: {download}`results.json <benchmarks/results.json>`.\n")
+    _write_if_changed(gen / "benchmark_results.md", "\n".join(parts))
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    # Rewriting an unchanged file would make Sphinx re-read the page on every build.
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+def _generate(app) -> None:
+    import margin_figure
+
+    gen = HERE / "_generated"
+    gen.mkdir(exist_ok=True)
+    margin_figure.draw(gen / "margin.png")
+    _benchmark_include(gen)
+
+
+def setup(app):
+    app.connect("builder-inited", _generate)
