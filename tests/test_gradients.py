@@ -1,0 +1,276 @@
+"""Gradients in float64: analytic vs jax.grad vs torch autograd vs central finite differences.
+
+* ``xlsce.value_and_grad`` (NumPy, the analytic backward), ``jax.vjp``/``jax.grad`` and
+  torch's ``loss.backward()`` of ``xlsce.cross_entropy``, and central differences of the
+  NumPy loss, over both smoothing conventions, class weights, ignore_index, ``where``,
+  every reduction ('none' with a random cotangent), z-loss, soft-cap and -inf logits;
+* ``torch.autograd.gradcheck`` through ``xlsce.cross_entropy``;
+* the gradient with respect to probability targets (torch ``target.requires_grad``,
+  ``jax.grad(argnums=1)``) vs finite differences, and vs PyTorch's own
+  ``F.cross_entropy`` target gradient for the uniform convention.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import xp_assert_close
+
+import xlsce
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+jax.config.update("jax_enable_x64", True)
+
+H = 1e-5  # central-difference step; truncation ~H^2, round-off ~1e-16/H
+
+
+def _scalar(loss, cotangent):
+    return float(np.sum(np.asarray(loss) * (1.0 if cotangent is None else cotangent)))
+
+
+def central_differences(f, x):
+    """d f / d x elementwise by central differences (entries at -inf stay -inf, so their difference is 0)."""
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        if not np.isfinite(x[i]):
+            continue
+        xp, xm = x.copy(), x.copy()
+        xp[i] += H
+        xm[i] -= H
+        grad[i] = (f(xp) - f(xm)) / (2 * H)
+    return grad
+
+
+def _problem(kind, shape, axis, seed, *, ignore=None, where=False, weight=False, minus_inf=False):
+    rng = np.random.default_rng(seed)
+    ax = axis % len(shape)
+    k = shape[ax]
+    positions = tuple(s for i, s in enumerate(shape) if i != ax)
+    x = rng.normal(scale=1.5, size=shape)
+    kw = dict(axis=axis)
+    if kind == "index":
+        t = rng.integers(0, k, size=positions)
+        flat = t.reshape(-1)
+        flat[0] = 0
+        if ignore == "-100":
+            flat[1::3] = -100
+            kw["ignore_index"] = -100
+        elif ignore == "class":
+            flat[1::3] = k - 1
+            kw["ignore_index"] = k - 1
+        if minus_inf:  # a class out of play wherever it is not the target
+            xl = np.moveaxis(x, ax, -1)
+            tl = t.reshape(t.shape + (1,))
+            xl[..., 1:2][tl != 1] = -np.inf
+    else:
+        p = np.exp(rng.normal(size=shape))
+        t = p / p.sum(axis=ax, keepdims=True)
+    if where:
+        m = rng.random(positions) < 0.7
+        m.reshape(-1)[0] = True
+        m.reshape(-1)[-1] = False
+        kw["where"] = m
+    if weight:
+        kw["weight"] = rng.uniform(0.3, 2.5, size=k)
+    return rng, x, t, kw
+
+
+CASES = {
+    "uniform-mean": dict(kind="index", shape=(5, 4), axis=-1, eps=0.1),
+    "uniform-eps1-sum": dict(kind="index", shape=(5, 4), axis=-1, eps=1.0, reduction="sum"),
+    "exclusive-weight-ignore-mean": dict(
+        kind="index", shape=(6, 4), axis=-1, eps=0.2, smoothing="exclusive", weight=True, ignore="-100"
+    ),
+    "uniform-weight-where-sum": dict(
+        kind="index", shape=(6, 3), axis=-1, eps=0.3, weight=True, where=True, reduction="sum"
+    ),
+    "exclusive-ignore_class-none": dict(
+        kind="index", shape=(6, 4), axis=-1, eps=0.5, smoothing="exclusive", ignore="class", reduction="none"
+    ),
+    "exclusive-K2-weight-mean": dict(kind="index", shape=(5, 2), axis=-1, eps=0.3, smoothing="exclusive", weight=True),
+    "uniform-axis1-kdim-weight-ignore-where-mean": dict(
+        kind="index", shape=(2, 4, 3), axis=1, eps=0.15, weight=True, ignore="-100", where=True
+    ),
+    "zloss-uniform-weight-mean": dict(kind="index", shape=(5, 4), axis=-1, eps=0.1, weight=True, z_loss=0.1),
+    "softcap-exclusive-none": dict(
+        kind="index", shape=(5, 4), axis=-1, eps=0.2, smoothing="exclusive", softcap=2.0, reduction="none"
+    ),
+    "zloss-softcap-where-none": dict(
+        kind="index", shape=(3, 2, 5), axis=-1, eps=0.1, z_loss=0.05, softcap=1.5, where=True, reduction="none"
+    ),
+    "minus_inf-uniform-weight-sum": dict(
+        kind="index", shape=(6, 4), axis=-1, eps=0.3, weight=True, minus_inf=True, reduction="sum"
+    ),
+    "minus_inf-exclusive-none": dict(
+        kind="index", shape=(6, 4), axis=-1, eps=0.3, smoothing="exclusive", minus_inf=True, reduction="none"
+    ),
+    "prob-uniform-weight-where-mean": dict(kind="prob", shape=(5, 4), axis=-1, eps=0.2, weight=True, where=True),
+    "prob-exclusive-zloss-softcap-none": dict(
+        kind="prob", shape=(2, 4, 3), axis=1, eps=0.1, smoothing="exclusive", z_loss=0.02, softcap=3.0, reduction="none"
+    ),
+}
+
+
+def _case(name):
+    c = dict(CASES[name])
+    seed = sum(map(ord, name))
+    rng, x, t, kw = _problem(
+        c.pop("kind"),
+        c.pop("shape"),
+        c.pop("axis"),
+        seed,
+        ignore=c.pop("ignore", None),
+        where=c.pop("where", False),
+        weight=c.pop("weight", False),
+        minus_inf=c.pop("minus_inf", False),
+    )
+    kw["label_smoothing"] = c.pop("eps")
+    kw.update(c)
+    kw.setdefault("reduction", "mean")
+    positions = tuple(s for i, s in enumerate(x.shape) if i != kw["axis"] % x.ndim)
+    ct = rng.normal(size=positions) if kw["reduction"] == "none" else None
+    return x, t, kw, ct
+
+
+def _as(module_asarray, kw):
+    return {k: (module_asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logit_gradients_agree(name):
+    x, t, kw, ct = _case(name)
+
+    # central differences of the NumPy loss (the cotangent-weighted sum for 'none')
+    fd = central_differences(lambda z: _scalar(xlsce.cross_entropy(z, t, **kw), ct), x)
+
+    # analytic backward
+    loss, analytic = xlsce.value_and_grad(x, t, cotangent=ct, **kw)
+
+    # jax.grad through the custom_vjp
+    kj = _as(jnp.asarray, kw)
+    tj = jnp.asarray(t)
+    ctj = None if ct is None else jnp.asarray(ct)
+    g_jax = jax.grad(lambda z: jnp.sum(xlsce.cross_entropy(z, tj, **kj) * (1.0 if ctj is None else ctj)))(
+        jnp.asarray(x)
+    )
+
+    # torch autograd through the autograd.Function
+    kt = _as(torch.from_numpy, kw)
+    xt = torch.tensor(x, requires_grad=True)
+    lt = xlsce.cross_entropy(xt, torch.from_numpy(t), **kt)
+    lt.backward(torch.ones((), dtype=lt.dtype) if ct is None else torch.from_numpy(ct))
+
+    assert np.all(np.isfinite(analytic))
+    assert np.any(analytic != 0)
+    xp_assert_close(analytic, fd, rtol=1e-6, atol=1e-8, err_msg="analytic vs finite differences")
+    xp_assert_close(g_jax, analytic, rtol=1e-12, atol=1e-14, err_msg="jax.grad vs analytic")
+    xp_assert_close(xt.grad, analytic, rtol=1e-12, atol=1e-14, err_msg="torch autograd vs analytic")
+    xp_assert_close(lt, loss, rtol=1e-12, atol=1e-14, err_msg="torch loss vs numpy loss")
+    # positions that do not count (ignored, masked) and classes out of play get exactly zero
+    np.testing.assert_array_equal(analytic[np.isneginf(x)], 0.0)
+
+
+def test_finite_differences_are_sensitive():
+    """The finite-difference check can fail: a gradient off by 1e-5 in one entry is caught."""
+    x, t, kw, ct = _case("uniform-mean")
+    fd = central_differences(lambda z: _scalar(xlsce.cross_entropy(z, t, **kw), ct), x)
+    _, analytic = xlsce.value_and_grad(x, t, cotangent=ct, **kw)
+    wrong = analytic.copy()
+    wrong[2, 1] += 1e-5
+    with pytest.raises(AssertionError):
+        xp_assert_close(wrong, fd, rtol=1e-6, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- torch.autograd.gradcheck
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "exclusive-weight-ignore-mean",
+        "uniform-weight-where-sum",
+        "softcap-exclusive-none",
+        "zloss-softcap-where-none",
+        "uniform-axis1-kdim-weight-ignore-where-mean",
+    ],
+)
+def test_torch_gradcheck_logits(name):
+    x, t, kw, _ = _case(name)
+    kt = _as(torch.from_numpy, kw)
+    tt = torch.from_numpy(t)
+    xt = torch.tensor(x, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: xlsce.cross_entropy(z, tt, **kt), (xt,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["prob-uniform-weight-where-mean", "prob-exclusive-zloss-softcap-none"])
+def test_torch_gradcheck_logits_and_probability_targets(name):
+    x, t, kw, _ = _case(name)
+    kt = _as(torch.from_numpy, kw)
+    xt = torch.tensor(x, requires_grad=True)
+    tt = torch.tensor(t, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda z, p: xlsce.cross_entropy(z, p, **kt), (xt, tt), eps=1e-6, atol=1e-7, rtol=1e-5
+    )
+
+
+# --------------------------------------------------------------------------- probability targets
+
+
+@pytest.mark.parametrize(
+    "name", ["prob-uniform-weight-where-mean", "prob-exclusive-zloss-softcap-none", "prob-uniform-sum-eps0"]
+)
+def test_target_gradients(name):
+    if name == "prob-uniform-sum-eps0":
+        _, x, t, kw = _problem("prob", (4, 3), -1, 5)
+        kw.update(label_smoothing=0.0, reduction="sum")
+        ct = None
+    else:
+        x, t, kw, ct = _case(name)
+
+    fd = central_differences(lambda p: _scalar(xlsce.cross_entropy(x, p, **kw), ct), t)
+
+    kj = _as(jnp.asarray, kw)
+    ctj = 1.0 if ct is None else jnp.asarray(ct)
+    g_logits, g_target = jax.grad(lambda z, p: jnp.sum(xlsce.cross_entropy(z, p, **kj) * ctj), argnums=(0, 1))(
+        jnp.asarray(x), jnp.asarray(t)
+    )
+
+    kt = _as(torch.from_numpy, kw)
+    xt = torch.tensor(x, requires_grad=True)
+    tt = torch.tensor(t, requires_grad=True)
+    lt = xlsce.cross_entropy(xt, tt, **kt)
+    lt.backward(torch.ones((), dtype=lt.dtype) if ct is None else torch.from_numpy(ct))
+
+    assert np.any(fd != 0)
+    xp_assert_close(g_target, fd, rtol=1e-6, atol=1e-8, err_msg="jax target gradient vs finite differences")
+    xp_assert_close(tt.grad, fd, rtol=1e-6, atol=1e-8, err_msg="torch target gradient vs finite differences")
+    xp_assert_close(tt.grad, g_target, rtol=1e-12, atol=1e-14, err_msg="torch vs jax target gradient")
+    _, analytic = xlsce.value_and_grad(x, t, cotangent=ct, **kw)
+    xp_assert_close(g_logits, analytic, rtol=1e-12, atol=1e-14, err_msg="jax logit gradient with argnums=(0, 1)")
+    xp_assert_close(xt.grad, analytic, rtol=1e-12, atol=1e-14, err_msg="torch logit gradient with a target gradient")
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.25])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_target_gradient_matches_torch_functional(eps, reduction):
+    """PyTorch's F.cross_entropy differentiates w.r.t. probability targets too: same gradient (uniform, axis=1)."""
+    import torch.nn.functional as F
+
+    rng, x, t, _ = _problem("prob", (3, 4, 2), 1, 17)
+    w = rng.uniform(0.5, 2.0, size=4)
+    ct = torch.from_numpy(rng.normal(size=(3, 2))) if reduction == "none" else torch.ones((), dtype=torch.float64)
+    grads = []
+    for fn in (
+        lambda z, p: F.cross_entropy(z, p, weight=torch.from_numpy(w), label_smoothing=eps, reduction=reduction),
+        lambda z, p: xlsce.cross_entropy(
+            z, p, axis=1, weight=torch.from_numpy(w), label_smoothing=eps, reduction=reduction
+        ),
+    ):
+        xt = torch.tensor(x, requires_grad=True)
+        tt = torch.tensor(t, requires_grad=True)
+        fn(xt, tt).backward(ct)
+        grads.append((xt.grad, tt.grad))
+    xp_assert_close(grads[1][0], grads[0][0], err_msg="logit gradient")
+    xp_assert_close(grads[1][1], grads[0][1], err_msg="target gradient")
