@@ -12,7 +12,7 @@ import importlib
 
 from . import _adapters, _checks
 
-__all__ = ["cross_entropy", "value_and_grad", "CrossEntropyLoss"]
+__all__ = ["cross_entropy", "value_and_grad", "CrossEntropyLoss", "linear_cross_entropy", "linear_value_and_grad"]
 __version__ = "0.1.0"
 
 
@@ -192,6 +192,133 @@ def value_and_grad(
         ):
             raise ValueError("cotangent must have the shape of the per-position loss for reduction='none'")
     return _adapters.value_and_grad(xp, cfg, logits, target, weight, where, cotangent)
+
+
+def linear_cross_entropy(
+    hidden,
+    classifier,
+    target,
+    /,
+    *,
+    bias=None,
+    chunk_size=None,
+    label_smoothing=0.0,
+    smoothing="uniform",
+    weight=None,
+    ignore_index=-100,
+    where=None,
+    reduction="mean",
+    z_loss=0.0,
+    softcap=None,
+):
+    r"""Cross-entropy of a linear classifier, without ever building the full logits.
+
+    The value and gradients are those of
+
+    .. math::
+
+        \operatorname{cross\_entropy}(h W^\top + b,\ y,\ \text{axis}=-1,\ \dots),
+
+    for ``hidden`` :math:`h` of shape ``(..., H)``, ``classifier`` :math:`W` of shape
+    ``(V, H)`` and ``bias`` :math:`b` of shape ``(V,)``, but the positions are processed
+    in chunks of ``chunk_size`` rows, so that at most ``chunk_size x V`` logits exist at
+    a time.  For ``"sum"``/``"mean"`` the gradients
+    :math:`\partial_h = G W,\ \partial_W = G^\top h,\ \partial_b = \sum_i G_i` (with
+    :math:`G` the gradient for the logits, see :func:`cross_entropy`) are accumulated
+    chunk by chunk during the forward pass and only scaled by the cotangent in the
+    backward; for ``"none"`` the backward recomputes each chunk.  Gradients flow
+    through torch autograd and ``jax.grad``; on JAX the chunks run in one
+    ``lax.scan``, so the compiled graph does not grow with the number of chunks.
+    :func:`linear_value_and_grad` gives the same gradients on every library.
+
+    The matrix products run in the inputs' dtype; the softmax math in float32
+    (float64 for float64 inputs), as in :func:`cross_entropy`.
+
+    Args:
+      hidden: floating array of shape ``(..., H)``.
+      classifier: array of shape ``(V, H)`` and the dtype of ``hidden``.
+      target: integer class indices of shape ``hidden.shape[:-1]`` (probability
+        targets are not supported: they would be as large as the logits).
+      bias: optional array of shape ``(V,)`` and the dtype of ``hidden``.
+      chunk_size: rows per chunk.  Default: at most 64 MiB of float32 logits per
+        chunk, ``C_max = max(1, 2**26 // (4 V))`` (``8 V`` for float64), with the
+        positions split into ``ceil(N / C_max)`` chunks of equal size.
+      label_smoothing, smoothing, weight, ignore_index, where, reduction, z_loss,
+      softcap: as in :func:`cross_entropy` (the class axis is the last one).
+
+    Returns:
+      The loss, in the dtype of ``hidden``: a scalar for ``"sum"``/``"mean"``,
+      ``hidden.shape[:-1]`` for ``"none"``.
+
+    Example:
+      >>> import numpy as np
+      >>> import xlsce
+      >>> rng = np.random.default_rng(0)
+      >>> hidden, classifier = rng.normal(size=(5, 3)), rng.normal(size=(7, 3))
+      >>> target = np.array([0, 6, 2, 2, 1])
+      >>> loss = xlsce.linear_cross_entropy(hidden, classifier, target, chunk_size=2, label_smoothing=0.1)
+      >>> bool(np.isclose(loss, xlsce.cross_entropy(hidden @ classifier.T, target, label_smoothing=0.1)))
+      True
+
+    References:
+      Hsu et al., `Liger Kernel: Efficient Triton Kernels for LLM Training
+      <https://arxiv.org/abs/2410.10989>`_, 2024 (fused linear cross-entropy);
+      Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
+      <https://arxiv.org/abs/2411.09009>`_, 2024 (Cut Cross-Entropy).
+    """
+    xp, cfg, chunk = _checks.validate_linear(
+        hidden,
+        classifier,
+        bias,
+        target,
+        weight,
+        where,
+        chunk_size=chunk_size,
+        label_smoothing=label_smoothing,
+        smoothing=smoothing,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    return _adapters.linear_loss(xp, cfg, chunk, hidden, classifier, bias, target, weight, where)
+
+
+def linear_value_and_grad(hidden, classifier, target, /, *, cotangent=None, bias=None, chunk_size=None, **keywords):
+    r"""The loss of :func:`linear_cross_entropy` and its gradients, on any array library.
+
+    Returns ``(loss, (dhidden, dclassifier, dbias))``, the vector-Jacobian product
+    for ``cotangent`` (default 1; for ``reduction="none"`` an array of
+    ``hidden.shape[:-1]``, default ones), computed chunk by chunk from the analytic
+    gradient without recording autodiff; ``dbias`` is None without ``bias``.
+
+    Example:
+      >>> import numpy as np
+      >>> import xlsce
+      >>> hidden, classifier = np.ones((2, 3)), np.zeros((4, 3))
+      >>> loss, (dh, dw, db) = xlsce.linear_value_and_grad(hidden, classifier, np.array([0, 1]), bias=np.zeros(4))
+      >>> round(float(loss), 6), db  # log 4; softmax(0) - onehot, averaged
+      (1.386294, array([-0.25, -0.25,  0.25,  0.25]))
+    """
+    unknown = set(keywords) - (_KEYWORDS - {"axis"})
+    if unknown:
+        raise TypeError(f"unknown keywords {sorted(unknown)}")
+    weight, where = keywords.pop("weight", None), keywords.pop("where", None)
+    settings = {"label_smoothing": 0.0, "smoothing": "uniform", "ignore_index": -100, "reduction": "mean"}
+    settings.update(keywords)
+    xp, cfg, chunk = _checks.validate_linear(
+        hidden, classifier, bias, target, weight, where, chunk_size=chunk_size, **settings
+    )
+    if (
+        cotangent is not None
+        and cfg.reduction == "none"
+        and tuple(getattr(cotangent, "shape", ())) != tuple(target.shape)
+    ):
+        raise ValueError("cotangent must have the shape of the per-position loss (target.shape) for reduction='none'")
+    need = (True, True, bias is not None)
+    return _adapters.linear_value_and_grads(
+        xp, cfg, chunk, hidden, classifier, bias, target, weight, where, need=need, cotangent=cotangent
+    )
 
 
 class CrossEntropyLoss:

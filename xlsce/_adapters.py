@@ -152,3 +152,207 @@ def _jax_function():
 
     fn.defvjp(fwd, bwd, symbolic_zeros=True)
     return fn
+
+
+# --------------------------------------------------------------------------- linear cross-entropy
+# Adapters for xlsce.linear_cross_entropy (the chunked math is in xlsce/_linear.py).
+
+
+def linear_value_and_grads(xp, cfg, chunk, hidden, classifier, bias, target, weight, where, *, need, cotangent=None):
+    """Flatten the positions, run the chunk loop of the inputs' library, restore the shapes.
+
+    Returns ``(loss, (dhidden, dclassifier, dbias))`` for the cotangent (default 1);
+    gradients not in ``need`` are None.  No autodiff is recorded.
+    """
+    from . import _linear
+
+    shape = tuple(target.shape)
+    h, t, m = _flatten(xp, hidden, target, where)
+    if cotangent is not None and cfg.reduction == "none":
+        cotangent = xp.reshape(cotangent, (t.shape[0],))
+    loop = _jax_scan_loop if is_jax(hidden) else _torch_loop if is_torch(hidden) else _linear.eager_loop
+    args = (xp, cfg, h, classifier, bias, t, weight, m)
+    if is_torch(hidden):
+        import torch
+
+        with torch.no_grad():
+            out, (dh, dw, db) = _linear.value_and_grads(*args, chunk=chunk, need=need, cotangent=cotangent, loop=loop)
+    else:
+        out, (dh, dw, db) = _linear.value_and_grads(*args, chunk=chunk, need=need, cotangent=cotangent, loop=loop)
+    if cfg.reduction == "none":
+        out = xp.reshape(out, shape)
+    if dh is not None:
+        dh = xp.reshape(dh, tuple(hidden.shape))
+    return out, (dh, dw, db)
+
+
+def linear_loss(xp, cfg, chunk, hidden, classifier, bias, target, weight, where):
+    """The loss of linear_cross_entropy, differentiable with torch autograd and jax.grad."""
+    shape = tuple(target.shape)
+    h, t, m = _flatten(xp, hidden, target, where)
+    args, nothing = (xp, cfg, chunk, h, classifier, bias, t, weight, m), (False, False, False)
+    if is_torch(hidden):
+        import torch
+
+        tensors = (hidden, classifier, bias)
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
+            out = _torch_linear_function().apply(cfg, chunk, h, classifier, bias, t, weight, m)
+        else:
+            out = linear_value_and_grads(*args, need=nothing)[0]
+    elif is_jax(hidden):
+        out = _jax_linear_function()(cfg, chunk, h, classifier, bias, t, weight, m)
+    else:
+        out = linear_value_and_grads(*args, need=nothing)[0]
+    return xp.reshape(out, shape) if cfg.reduction == "none" else out
+
+
+def _flatten(xp, hidden, target, where):
+    """hidden (..., H) -> (N, H); target and where (...) -> (N,)."""
+    n = 1
+    for s in target.shape:
+        n *= s
+    h = xp.reshape(hidden, (n, hidden.shape[-1]))
+    t = xp.reshape(target, (n,))
+    m = None if where is None else xp.reshape(where, (n,))
+    return h, t, m
+
+
+def _torch_addmm(acc, a, b):
+    """acc + a @ b as one in-place GEMM: no (V, H) temporary per chunk (acc None: a @ b)."""
+    import torch
+
+    if acc is None:
+        p = a @ b
+        return p if p.dtype in (torch.float32, torch.float64) else p.float()
+    if acc.dtype == a.dtype:
+        return acc.addmm_(a, b)
+    return acc.add_(a @ b)
+
+
+def _torch_loop(*args):
+    from . import _linear
+
+    return _linear.eager_loop(*args, addmm=_torch_addmm)
+
+
+@functools.cache
+def _torch_linear_function():
+    import torch
+    from array_api_compat import torch as xpt
+
+    from . import _linear
+
+    class LinearCrossEntropyFunction(torch.autograd.Function):
+        """Sum/mean: gradients accumulated in the forward, scaled in the backward.  None: recomputed."""
+
+        @staticmethod
+        def forward(ctx, cfg, chunk, hidden, classifier, bias, target, weight, where):
+            need = (ctx.needs_input_grad[2], ctx.needs_input_grad[3], bias is not None and ctx.needs_input_grad[4])
+            ctx.cfg, ctx.chunk, ctx.need = cfg, chunk, need
+            args = (xpt, cfg, hidden, classifier, bias, target, weight, where)
+            if cfg.reduction == "none":
+                out = _linear.value_and_grads(*args, chunk=chunk, need=(False, False, False), loop=_torch_loop)[0]
+                ctx.save_for_backward(hidden, classifier, bias, target, weight, where)
+            else:
+                out, grads = _linear.value_and_grads(*args, chunk=chunk, need=need, loop=_torch_loop)
+                ctx.save_for_backward(*grads)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            if ctx.cfg.reduction == "none":
+                hidden, classifier, bias, target, weight, where = ctx.saved_tensors
+                args = (xpt, ctx.cfg, hidden, classifier, bias, target, weight, where)
+                _, grads = _linear.value_and_grads(*args, chunk=ctx.chunk, need=ctx.need, cotangent=g, loop=_torch_loop)
+            else:
+                grads = tuple(None if x is None else (g * x).to(x.dtype) for x in ctx.saved_tensors)
+            return None, None, *grads, None, None, None
+
+    return LinearCrossEntropyFunction
+
+
+def _jax_scan_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weight, where, g):
+    """The chunk loop as one ``lax.scan``: the last chunk is padded and masked with ``where``."""
+    import jax
+    import jax.numpy as jnp
+
+    from . import _linear
+
+    n, width = hidden.shape
+    count = -(-n // chunk)
+    pad = count * chunk - n
+    dt = _math.compute_dtype(jnp, hidden.dtype)
+    valid = jnp.ones((n,), dtype=bool) if where is None else where
+    xs = (
+        jnp.pad(hidden, ((0, pad), (0, 0))).reshape(count, chunk, width),
+        jnp.pad(target, (0, pad)).reshape(count, chunk),
+        jnp.pad(valid, (0, pad)).reshape(count, chunk),
+        jnp.pad(g, (0, pad)).reshape(count, chunk) if cfg.reduction == "none" else None,
+    )
+    v = classifier.shape[0]
+    init = (
+        jnp.zeros((), dt),
+        jnp.zeros((v, width), dt) if need[1] else None,
+        jnp.zeros((v,), dt) if need[2] else None,
+    )
+
+    def body(carry, x):
+        total, dw, db = carry
+        h, t, m, gk = x
+        gk = g if gk is None else gk
+        loss, dh, dw, db = _linear.chunk_step(jnp, cfg, h, classifier, bias, t, weight, m, gk, need, (dw, db))
+        if cfg.reduction == "none":
+            return (total, dw, db), (loss, dh)
+        return (total + loss, dw, db), (None, dh)
+
+    (total, dw, db), (losses, dhs) = jax.lax.scan(body, init, xs)
+    out = losses.reshape(count * chunk)[:n] if cfg.reduction == "none" else total
+    dh = None if dhs is None else dhs.reshape(count * chunk, width)[:n]
+    return out, dh, dw, db
+
+
+@functools.cache
+def _jax_linear_function():
+    import jax
+    import jax.numpy as jnp
+    from jax.custom_derivatives import SymbolicZero
+
+    from . import _linear
+
+    none = (False, False, False)
+
+    def primal(cfg, chunk, hidden, classifier, bias, target, weight, where):
+        args = (jnp, cfg, hidden, classifier, bias, target, weight, where)
+        return _linear.value_and_grads(*args, chunk=chunk, need=none, loop=_jax_scan_loop)[0]
+
+    fn = jax.custom_vjp(primal, nondiff_argnums=(0, 1))
+
+    def fwd(cfg, chunk, hidden, classifier, bias, target, weight, where):
+        if weight is not None and weight.perturbed:
+            raise TypeError("weight must not be differentiated: xlsce provides no gradient for class weights")
+        need = (hidden.perturbed, classifier.perturbed, bias is not None and bias.perturbed)
+        hidden, classifier, target = hidden.value, classifier.value, target.value
+        bias, weight, where = (None if x is None else x.value for x in (bias, weight, where))
+        args = (jnp, cfg, hidden, classifier, bias, target, weight, where)
+        if cfg.reduction == "none":
+            out = _linear.value_and_grads(*args, chunk=chunk, need=none, loop=_jax_scan_loop)[0]
+            # `need` travels in the residuals' structure (None = not needed): residuals must be arrays.
+            flags = tuple(jnp.zeros((0,)) if f else None for f in need)
+            return out, (args[2:], flags)
+        out, grads = _linear.value_and_grads(*args, chunk=chunk, need=need, loop=_jax_scan_loop)
+        return out, (None, grads)
+
+    def bwd(cfg, chunk, saved, g):
+        inputs, rest = saved
+        if isinstance(g, SymbolicZero):
+            g = jnp.zeros(g.shape, g.dtype)
+        if inputs is not None:
+            need = tuple(f is not None for f in rest)
+            args = (jnp, cfg, *inputs)
+            _, grads = _linear.value_and_grads(*args, chunk=chunk, need=need, cotangent=g, loop=_jax_scan_loop)
+        else:
+            grads = tuple(None if x is None else (g * x).astype(x.dtype) for x in rest)
+        return (*grads, None, None, None)
+
+    fn.defvjp(fwd, bwd, symbolic_zeros=True)
+    return fn

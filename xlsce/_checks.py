@@ -152,3 +152,148 @@ def validate(
         softcap=softcap,
     )
     return xp, cfg
+
+
+def validate_linear(
+    hidden,
+    classifier,
+    bias,
+    target,
+    weight,
+    where,
+    *,
+    chunk_size,
+    label_smoothing,
+    smoothing,
+    ignore_index,
+    reduction,
+    z_loss=0.0,
+    softcap=None,
+):
+    """Check the arguments of ``linear_cross_entropy``; return ``(xp, Config, chunk)``.
+
+    ``hidden`` is (..., H), ``classifier`` (V, H), ``bias`` and ``weight`` (V,),
+    ``target`` and ``where`` (...): the positions are ``hidden.shape[:-1]``.
+    """
+    from . import _linear, _math
+
+    named = (
+        ("hidden", hidden),
+        ("classifier", classifier),
+        ("bias", bias),
+        ("target", target),
+        ("weight", weight),
+        ("where", where),
+    )
+    for name, value in named:
+        if value is not None and not _is_array(value):
+            raise TypeError(f"{name} must be an array of an array-API library, got {type(value).__name__}")
+    try:
+        xp = _adapters.namespace(*(v for _, v in named))
+    except TypeError as e:
+        libs = {name: type(v).__module__.split(".")[0] for name, v in named if v is not None}
+        raise TypeError(
+            f"hidden, classifier, bias, target, weight and where must come from one array library, got {libs}"
+        ) from e
+
+    if not xp.isdtype(hidden.dtype, "real floating"):
+        raise TypeError(f"hidden must have a real floating dtype, got {hidden.dtype}")
+    if hidden.ndim < 1:
+        raise ValueError("hidden must have shape (..., H) with at least one dimension, got a 0-d array")
+    width = hidden.shape[-1]
+    positions = tuple(hidden.shape[:-1])
+    if classifier.ndim != 2 or classifier.shape[1] != width:
+        raise ValueError(
+            f"classifier must have shape (V, {width}) (V classes, H = hidden.shape[-1]), got {tuple(classifier.shape)}"
+        )
+    if classifier.dtype != hidden.dtype:
+        raise TypeError(f"classifier must have the dtype of hidden ({hidden.dtype}), got {classifier.dtype}")
+    k = classifier.shape[0]
+    if k < 1:
+        raise ValueError("classifier must have at least one class (row), got shape " + str(tuple(classifier.shape)))
+    if bias is not None:
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+        if tuple(bias.shape) != (k,):
+            raise ValueError(f"bias must have shape ({k},) (one per class), got {tuple(bias.shape)}")
+
+    if xp.isdtype(target.dtype, "real floating"):
+        raise ValueError(
+            "linear_cross_entropy takes class indices only: probability targets have the shape of the (N, V) "
+            "logits that it avoids building; use cross_entropy(hidden @ classifier.T, target) instead"
+        )
+    if not xp.isdtype(target.dtype, "integral"):
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if tuple(target.shape) != positions:
+        raise ValueError(
+            f"target must have the shape of hidden without its last axis {positions}, got {tuple(target.shape)} "
+            f"(hidden {tuple(hidden.shape)})"
+        )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    eps = _number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    if smoothing not in SMOOTHINGS:
+        raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    z_loss = _number("z_loss", z_loss, low=0.0)
+    if softcap is not None:
+        softcap = _number("softcap", softcap, low=0.0)
+        if softcap == 0 or softcap == float("inf"):
+            raise ValueError(f"softcap must be a positive finite float or None, got {softcap}")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    if smoothing == "exclusive" and k == 1:
+        raise ValueError(
+            'smoothing="exclusive" needs at least 2 classes (it puts eps/(K-1) on each other class); got V = 1'
+        )
+
+    if weight is not None:
+        if not xp.isdtype(weight.dtype, "real floating"):
+            raise TypeError(f"weight must have a real floating dtype, got {weight.dtype}")
+        if tuple(weight.shape) != (k,):
+            raise ValueError(f"weight must have shape ({k},) (one per class), got {tuple(weight.shape)}")
+        if _adapters.is_torch(weight):
+            _adapters.check_torch_weight(weight)
+    if where is not None:
+        if where.dtype != xp.bool:
+            raise TypeError(f"where must be a boolean array, got dtype {where.dtype}")
+        if tuple(where.shape) != positions:
+            raise ValueError(f"where must have the shape of the target positions {positions}, got {tuple(where.shape)}")
+
+    if not any(_adapters.is_traced(a) for a in (target, where) if a is not None):
+        bad = (target < 0) | (target >= k)
+        if ignore_index is not None:
+            info = xp.iinfo(target.dtype)
+            if info.min <= ignore_index <= info.max:
+                bad = bad & (target != ignore_index)
+        if where is not None:
+            bad = bad & where
+        bad = xp.any(bad)
+        if not _adapters.is_traced(bad) and bool(bad):  # concrete arrays still trace inside jax.jit
+            raise ValueError(
+                f"target holds class indices outside [0, {k}) that are neither ignore_index ({ignore_index}) nor masked by where"
+            )
+
+    n = 1
+    for s in positions:
+        n *= s
+    if chunk_size is None:
+        itemsize = 8 if _math.compute_dtype(xp, hidden.dtype) == xp.float64 else 4
+        chunk = _linear.default_chunk_size(n, k, itemsize)
+    else:
+        chunk = max(1, min(int(chunk_size), n))
+    cfg = Config(
+        axis=1,
+        eps=eps,
+        exclusive=smoothing == "exclusive",
+        reduction=reduction,
+        ignore_index=None if ignore_index is None else int(ignore_index),
+        soft=False,
+        z_loss=z_loss,
+        softcap=softcap,
+    )
+    return xp, cfg, chunk

@@ -1,0 +1,249 @@
+"""Fused linear cross-entropy (issue 5): peak memory and time of forward+backward, chunked vs materialised.
+
+Run ``python -m benchmarks.linear`` (the issue's size: N = 8192 tokens, H = 1024,
+V = 65536, float32; the materialised logits are 2 GiB; tens of minutes on a
+2-core CPU) or ``python -m benchmarks.linear --quick`` (N = 2048, H = 256,
+V = 16384, chunks of N/8, about a minute).
+
+Implementations, each computing the loss (label smoothing 0.1, 'mean') and its
+gradients with respect to ``hidden`` and ``classifier``:
+
+* ``materialised``: ``xlsce.cross_entropy(hidden @ classifier.T, target)`` with
+  torch autograd / ``jax.value_and_grad``;
+* ``chunked``: ``xlsce.linear_cross_entropy(hidden, classifier, target)`` with the
+  default chunk size (or ``--chunk-size``).
+
+Each (backend, implementation) runs in its own process, one after the other:
+
+* memory: PyTorch: the peak resident set of one forward+backward (its outputs
+  held) minus the resident set just before it, after the inputs are built and a
+  small warm-up call (8 rows) has run; the peak is the kernel's VmHWM, reset before
+  the call through ``/proc/self/clear_refs`` where allowed, else ``ru_maxrss``.
+  JAX: ``jax.jit(...).lower(...).compile().memory_analysis()``, temp + output -
+  alias bytes (what XLA allocates besides the arguments).
+* time: the median of ``--runs`` forward+backward calls after that first
+  (warm-up / compile) call, JAX results blocked on.
+
+The loss and gradient norms of the two implementations are compared (a
+benchmark of a wrong result is void), and the ratios chunked / materialised are
+printed with the issue's targets (memory <= 25 %, time <= 1.2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+FULL = dict(n=8192, h=1024, v=65536)
+QUICK = dict(n=2048, h=256, v=16384)
+EPS = 0.1
+TARGETS = dict(memory=0.25, time=1.2)
+
+
+def _inputs(n, h, v, seed=0):
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((n, h), dtype=np.float32)
+    classifier = rng.standard_normal((v, h), dtype=np.float32) * np.float32(h**-0.5)
+    target = rng.integers(0, v, size=n)
+    return hidden, classifier, target
+
+
+def _status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak():
+    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _torch_worker(impl, n, h, v, chunk, runs):
+    import torch
+
+    import xlsce
+
+    torch.manual_seed(0)
+    hidden, classifier, target = _inputs(n, h, v)
+    hidden = torch.from_numpy(hidden).requires_grad_()
+    classifier = torch.from_numpy(classifier).requires_grad_()
+    target = torch.from_numpy(target)
+
+    def step(hh, tt):
+        if impl == "materialised":
+            loss = xlsce.cross_entropy(hh @ classifier.T, tt, label_smoothing=EPS)
+        else:
+            loss = xlsce.linear_cross_entropy(hh, classifier, tt, label_smoothing=EPS, chunk_size=chunk)
+        return (loss, *torch.autograd.grad(loss, (hh, classifier)))
+
+    step(hidden[:8], target[:8])  # lazy initialisation, not counted
+    exact = _reset_peak()
+    base_rss, base_max = _status("VmRSS"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    out = step(hidden, target)
+    first = time.perf_counter() - t0
+    peak = (
+        _status("VmHWM") - base_rss if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_max
+    )
+    result = dict(
+        peak_bytes=peak,
+        peak_method="VmHWM (clear_refs)" if exact else "ru_maxrss",
+        loss=float(out[0]),
+        grad_norms=[float(g.norm()) for g in out[1:]],
+        first_s=first,
+    )
+    del out
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = step(hidden, target)
+        times.append(time.perf_counter() - t0)
+        del out
+    result["times_s"] = times
+    return result
+
+
+def _jax_worker(impl, n, h, v, chunk, runs):
+    import jax
+
+    import xlsce
+
+    jax.config.update("jax_enable_x64", False)
+    jnp = jax.numpy
+    hidden, classifier, target = (jnp.asarray(a) for a in _inputs(n, h, v))
+    target = target.astype(jnp.int32)
+
+    def loss_fn(hh, ww, tt):
+        if impl == "materialised":
+            return xlsce.cross_entropy(hh @ ww.T, tt, label_smoothing=EPS)
+        return xlsce.linear_cross_entropy(hh, ww, tt, label_smoothing=EPS, chunk_size=chunk)
+
+    fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+    t0 = time.perf_counter()
+    compiled = fn.lower(hidden, classifier, target).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    peak = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    t0 = time.perf_counter()
+    loss, grads = jax.block_until_ready(compiled(hidden, classifier, target))
+    first = time.perf_counter() - t0
+    result = dict(
+        peak_bytes=int(peak),
+        peak_method="memory_analysis (temp + output - alias)",
+        loss=float(loss),
+        grad_norms=[float(jnp.linalg.norm(g)) for g in grads],
+        compile_s=compile_s,
+        first_s=first,
+    )
+    del loss, grads
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(hidden, classifier, target))
+        times.append(time.perf_counter() - t0)
+    result["times_s"] = times
+    return result
+
+
+def _run_case(backend, impl, shape, chunk, runs):
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.linear",
+        "--worker",
+        backend,
+        impl,
+        json.dumps(shape),
+        str(chunk),
+        str(runs),
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{backend}/{impl} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _mib(b):
+    return f"{b / 2**20:8.1f} MiB"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.linear", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=f"small shapes {QUICK}, chunks of N/8")
+    p.add_argument("--runs", type=int, default=None, help="timed calls after the first (default 3, quick 5)")
+    p.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: xlsce's rule)")
+    p.add_argument("--backends", default="torch,jax", help="comma-separated: torch, jax")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        backend, impl, shape, chunk, runs = args.worker
+        shape, chunk = json.loads(shape), None if chunk == "None" else int(chunk)
+        worker = _torch_worker if backend == "torch" else _jax_worker
+        print(json.dumps(worker(impl, shape["n"], shape["h"], shape["v"], chunk, int(runs))))
+        return 0
+
+    shape = QUICK if args.quick else FULL
+    runs = args.runs or (5 if args.quick else 3)
+    chunk = args.chunk_size or (shape["n"] // 8 if args.quick else None)
+    if chunk is None:
+        from xlsce import _linear
+
+        shown = f"default rule -> {_linear.default_chunk_size(shape['n'], shape['v'], 4)}"
+    else:
+        shown = str(chunk)
+    logits = shape["n"] * shape["v"] * 4
+    print(
+        f"N={shape['n']} H={shape['h']} V={shape['v']} float32, logits {_mib(logits).strip()}, chunk {shown}, runs {runs}"
+    )
+    results = {"shape": shape, "chunk_size": chunk, "runs": runs, "cases": {}}
+    ok = True
+    for backend in args.backends.split(","):
+        res = {}
+        for impl in ("materialised", "chunked"):
+            res[impl] = r = _run_case(backend, impl, shape, chunk, runs)
+            med = statistics.median(r["times_s"]) if r["times_s"] else r["first_s"]
+            r["median_s"] = med
+            print(
+                f"{backend:5s} {impl:12s} peak {_mib(r['peak_bytes'])} ({r['peak_method']}), "
+                f"time median {med:7.2f} s  (first {r['first_s']:.2f} s), loss {r['loss']:.6f}",
+                flush=True,
+            )
+        m, c = res["materialised"], res["chunked"]
+        same = np.isclose(m["loss"], c["loss"], rtol=1e-4) and np.allclose(m["grad_norms"], c["grad_norms"], rtol=1e-3)
+        mem_ratio = c["peak_bytes"] / m["peak_bytes"]
+        time_ratio = c["median_s"] / m["median_s"]
+        met = mem_ratio <= TARGETS["memory"] and time_ratio <= TARGETS["time"]
+        ok = ok and same and met
+        print(
+            f"{backend:5s} chunked / materialised: memory {mem_ratio:.3f} (target <= {TARGETS['memory']}), "
+            f"time {time_ratio:.3f} (target <= {TARGETS['time']}); results agree: {same}; targets met: {met}",
+            flush=True,
+        )
+        results["cases"][backend] = dict(res, memory_ratio=mem_ratio, time_ratio=time_ratio, agree=bool(same))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Fused linear + cross-entropy over chunks of positions, written once against the array API.
+
+The loss is that of :func:`xlsce._math.forward` on the logits ``z = h W^T + b``
+(class axis last), but the ``(N, V)`` logits never exist: the ``N`` positions
+are cut into chunks of ``C`` rows and each chunk runs :func:`xlsce._math.forward`
+and :func:`xlsce._math.backward` on its own ``(C, V)`` logits::
+
+    z_k   = h_k W^T + b                     (matmul in the inputs' dtype)
+    G_k   = d loss / d z_k                  (_math.backward, float32/float64)
+    dh_k  = G_k W,    dW += G_k^T h_k,    db += sum_rows G_k
+
+Chunks are reduced with ``"sum"``; ``"mean"`` divides by the global denominator
+``D = sum_i m_i w[y_i]`` computed from the targets before the loop (so the
+result equals the materialised loss exactly, whatever the chunking).  For
+``"sum"``/``"mean"`` the gradients for the cotangent 1 are accumulated during
+the forward pass, as Liger-Kernel does, and the backward only scales them by
+the cotangent (no recompute); for ``"none"`` the backward recomputes each
+chunk's logits with its slice of the cotangent.
+
+Default chunk size (:func:`default_chunk_size`): at most ``CHUNK_BYTES`` (64 MiB)
+of logits in the compute dtype, ``C_max = max(1, CHUNK_BYTES // (V * itemsize))``,
+then the positions are split into ``n = ceil(N / C_max)`` chunks of equal size
+``C = ceil(N / n)`` (so padding in the JAX loop wastes fewer than ``n`` rows).
+
+The loop itself is pluggable: :func:`eager_loop` is a Python loop (NumPy,
+PyTorch, array-api-strict); the JAX adapter passes a ``lax.scan`` loop over the
+same :func:`chunk_step`, so the traced graph does not grow with the number of
+chunks.
+"""
+
+from __future__ import annotations
+
+from array_api_compat import device as _device
+
+from . import _math
+
+CHUNK_BYTES = 64 * 2**20
+
+
+def default_chunk_size(n: int, v: int, itemsize: int) -> int:
+    """Rows per chunk: at most CHUNK_BYTES of (rows, v) logits, chunks of equal size."""
+    c_max = max(1, CHUNK_BYTES // max(1, v * itemsize))
+    if n <= c_max:
+        return max(1, n)
+    count = -(-n // c_max)
+    return -(-n // count)
+
+
+def chunk_config(cfg: _math.Config) -> _math.Config:
+    """Chunks are reduced with "sum" (the mean's denominator is global) or not at all."""
+    return cfg._replace(axis=1, reduction="none" if cfg.reduction == "none" else "sum")
+
+
+def _mask(xp, cfg, target, where):
+    """Positions that count (bool (N,)), or None when all do."""
+    valid = None
+    if cfg.ignore_index is not None:
+        info = xp.iinfo(target.dtype)
+        if info.min <= cfg.ignore_index <= info.max:
+            valid = target != cfg.ignore_index
+    if where is not None:
+        valid = where if valid is None else xp.logical_and(valid, where)
+    return valid
+
+
+def denominator(xp, cfg, target, weight, where, dt):
+    """The 'mean' denominator D = sum_i m_i w[y_i] (0-d array of dtype dt)."""
+    valid = _mask(xp, cfg, target, where)
+    dev = _device(target)
+    if weight is None:
+        if valid is None:
+            return xp.asarray(float(target.shape[0]), dtype=dt, device=dev)
+        return xp.sum(xp.astype(valid, dt))
+    y = target if valid is None else xp.where(valid, target, 0)
+    w_y = xp.take(xp.astype(weight, dt), y, axis=0)
+    if valid is not None:
+        w_y = xp.where(valid, w_y, 0.0)
+    return xp.sum(w_y)
+
+
+def chunk_step(xp, cfg, h, classifier, bias, target, weight, where, g, need, acc=(None, None), addmm=None):
+    """Loss of one chunk of rows and, for ``need = (dh, dW, db)``, its gradients for cotangent ``g``.
+
+    ``cfg`` is a :func:`chunk_config` (reduction "sum" or "none", axis 1).
+    ``acc = (dW, db)`` are the accumulators of the previous chunks (None at the
+    first; updated in place where the library allows).  ``addmm(acc, a, b)``,
+    if given, returns ``acc + a @ b`` (a backend's fused, in-place product; acc
+    may be None).  Returns ``(loss, dh, dW, db)``: the loss and the accumulators
+    in the compute dtype, dh in the inputs' dtype; entries not needed are None.
+    """
+    in_dt = h.dtype
+    dt = _math.compute_dtype(xp, in_dt)
+    z = h @ classifier.T
+    if bias is not None:
+        z = z + bias
+    if z.dtype != dt:
+        z = xp.astype(z, dt)
+    loss, res = _math.forward(xp, cfg, z, target, weight, where)
+    dw, db = acc
+    if not any(need):
+        return loss, None, dw, db
+    dz, _ = _math.backward(xp, cfg, z, target, weight, res, g)
+    del z, res
+    if need[2]:
+        db = _add(db, xp.sum(dz, axis=0))
+    if dz.dtype != in_dt:
+        dz = xp.astype(dz, in_dt)
+    dh = dz @ classifier if need[0] else None
+    if need[1]:
+        if addmm is not None:
+            dw = addmm(dw, dz.T, h)
+        else:
+            p = dz.T @ h
+            dw = _add(dw, p if p.dtype == dt else xp.astype(p, dt))
+    return loss, dh, dw, db
+
+
+def _add(acc, x):
+    """acc + x, in place where the library allows it (the accumulator is ours)."""
+    if acc is None:
+        return x
+    acc += x
+    return acc
+
+
+def eager_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weight, where, g, addmm=None):
+    """Python loop over chunks.  Returns ``(total or per-position loss, dh, dW, db)``."""
+    n, width = hidden.shape
+    v = classifier.shape[0]
+    dt = _math.compute_dtype(xp, hidden.dtype)
+    dev = _device(hidden)
+    losses, dhs, dw, db, total = [], [], None, None, None
+    for start in range(0, n, chunk):
+        s = slice(start, min(start + chunk, n))
+        gs = g[s] if cfg.reduction == "none" else g
+        m = None if where is None else where[s]
+        loss, dh, dw, db = chunk_step(
+            xp, cfg, hidden[s, :], classifier, bias, target[s], weight, m, gs, need, (dw, db), addmm
+        )
+        if cfg.reduction == "none":
+            losses.append(loss)
+        else:
+            total = _add(total, loss)
+        if dh is not None:
+            dhs.append(dh)
+    if cfg.reduction == "none":
+        out = xp.concat(losses, axis=0) if losses else xp.zeros((0,), dtype=dt, device=dev)
+    else:
+        out = xp.zeros((), dtype=dt, device=dev) if total is None else total
+    if need[0]:
+        dh = xp.concat(dhs, axis=0) if dhs else xp.zeros((0, width), dtype=hidden.dtype, device=dev)
+    else:
+        dh = None
+    if need[1] and dw is None:
+        dw = xp.zeros((v, width), dtype=dt, device=dev)
+    if need[2] and db is None:
+        db = xp.zeros((v,), dtype=dt, device=dev)
+    return out, dh, dw, db
+
+
+def value_and_grads(
+    xp, cfg, hidden, classifier, bias, target, weight, where, *, chunk, need, cotangent=None, loop=eager_loop
+):
+    """Loss of the flattened problem and its gradients ``(dh, dW, db)`` for the cotangent.
+
+    ``hidden`` is (N, H), ``classifier`` (V, H), ``bias`` (V,) or None, ``target``
+    and ``where`` (N,).  ``cotangent`` defaults to 1 (ones for "none").  Gradients
+    not in ``need`` are None; the others come back in their input's dtype.
+    """
+    dt = _math.compute_dtype(xp, hidden.dtype)
+    dev = _device(hidden)
+    ccfg = chunk_config(cfg)
+    if cfg.reduction == "none":
+        g = xp.ones(target.shape, dtype=dt, device=dev) if cotangent is None else xp.astype(cotangent, dt)
+    else:
+        g = 1.0 if cotangent is None else xp.astype(cotangent, dt)
+        if cfg.reduction == "mean":
+            d = denominator(xp, cfg, target, weight, where, dt)
+            empty = d == 0
+            d = xp.where(empty, 1.0, d)
+            g = xp.where(empty, 0.0, g / d)
+    out, dh, dw, db = loop(xp, ccfg, chunk, need, hidden, classifier, bias, target, weight, where, g)
+    if cfg.reduction == "mean":
+        out = xp.where(empty, 0.0, out / d)
+    if out.dtype != hidden.dtype:
+        out = xp.astype(out, hidden.dtype)
+    if dw is not None and dw.dtype != classifier.dtype:
+        dw = xp.astype(dw, classifier.dtype)
+    if db is not None and db.dtype != bias.dtype:
+        db = xp.astype(db, bias.dtype)
+    return out, (dh, dw, db)
