@@ -1,0 +1,37 @@
+"""Benchmarks: xlsce side by side with each framework's own loss (issue 3).
+
+Run ``python -m benchmarks`` (full, about 15 minutes on a 2-core CPU) or
+``python -m benchmarks --quick`` (tiny shapes, under a minute); ``--help`` lists
+the options that select backends, shapes, dtypes, variants and implementations.
+
+What is measured, per case (shape (N, K), dtype, variant) and implementation:
+
+* time of the forward (the loss alone, logits not requiring grad) and of the
+  forward+backward (loss and d loss / d logits): the median of ``--runs`` (>= 5)
+  runs after a warm-up, in one process, on the same inputs.  Each run times a
+  loop of calls long enough (``--min-time``) that timer resolution does not
+  matter, and reports the time per call; JAX results are blocked on each call.
+* peak memory of the forward+backward, net of the inputs (so it includes the
+  gradient that must be returned), also as a multiple of the logits' size:
+
+  - PyTorch and NumPy: in a fresh process per case (``python -m benchmarks.memory``):
+    the inputs are built and one warm-up call is made (so compilation and lazy
+    initialisation are not counted), then the kernel's peak-RSS counter is reset
+    (``/proc/self/clear_refs`` = 5) and one more call is made while its outputs are
+    held; peak = VmHWM - VmRSS before the call.  Where clear_refs cannot be written,
+    the ``resource.getrusage`` ru_maxrss delta is used instead (it then also counts
+    the warm-up call).  For NumPy the tracemalloc peak of the call is recorded too
+    (NumPy reports its buffers to tracemalloc), which is exact and page-independent.
+  - JAX: ``jax.jit(f).lower(...).compile().memory_analysis()``: temp + output -
+    alias bytes (what XLA allocates besides the arguments).
+
+  RSS has page granularity and allocator noise of a few MiB, so memory is only
+  measured for shapes of at least ``--memory-min-size`` elements.
+
+* the loss and the L1 norm of the gradient of every implementation, checked
+  against xlsce's on the same backend: a benchmark of a wrong computation is void.
+
+The results go to ``--out`` (default ``docs/benchmarks/``): ``results.json``,
+``results.md`` (tables of times, ratios xlsce / best anchor on the same backend,
+memory, and the issue's targets) and ``ratios.png``.
+"""

@@ -1,0 +1,8 @@
+"""``python -m benchmarks``: see :mod:`benchmarks` and ``--help``."""
+
+import sys
+
+from .runner import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Where the time goes: per-operation profile of xlsce against the anchor on one case.
+
+``python -m benchmarks.profile --backend torch --shape 4096x32768 [--variant masked]``
+prints torch.profiler's table (self CPU time per aten op) of the eager
+forward+backward of xlsce and of ``F.cross_entropy``;
+``--backend numpy`` prints cProfile's table (time per NumPy call) of
+``xlsce.value_and_grad`` and of the hand-written NumPy reference.
+``--ops`` instead times single passes over an (N, K) array (a reduction, a
+broadcast subtract, exp, in-place exp, where, ...): the price list from which
+a kernel's time can be estimated by counting its passes.
+Set ``$XLSCE_BENCH_SOURCE`` to profile another copy of xlsce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import warnings
+
+from .cases import Case, make_inputs, parse_shape, use_source
+from .impls import find_impl, to_backend
+from .timing import measure
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
+    p.add_argument("--backend", choices=("torch", "numpy"), default="torch")
+    p.add_argument("--shape", type=parse_shape, default=(4096, 32768))
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--variant", choices=("plain", "masked"), default="plain")
+    p.add_argument("--impl", action="append", help="implementations to profile (default: xlsce and the main anchor)")
+    p.add_argument("--calls", type=int, default=3, help="profiled calls after one warm-up")
+    p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--ops", action="store_true", help="time single passes over (N, K) instead")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    use_source()
+    case = Case(*args.shape, args.dtype, args.variant)
+    if args.ops:
+        return price_list(args.backend, case)
+    default = ["xlsce", "F.cross_entropy"] if args.backend == "torch" else ["xlsce", "handwritten"]
+    arrays = to_backend(args.backend, case, *make_inputs(case))
+    for name in args.impl or default:
+        bound = find_impl(f"{args.backend}:{name}").bind(arrays)
+        bound.fwdbwd()  # warm-up
+        print(f"\n=== {args.backend}:{name} forward+backward, {case.label}, {args.calls} calls ===")
+        if args.backend == "torch":
+            import torch
+
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(args.calls):
+                    bound.fwdbwd()
+            print(
+                prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=args.rows)
+            )
+        else:
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(args.calls):
+                bound.fwdbwd()
+            pr.disable()
+            pstats.Stats(pr).sort_stats("tottime").print_stats(args.rows)
+
+
+def price_list(backend, case):
+    """Median time of single passes over the logits (N, K), in ms."""
+    z, y, _ = to_backend(backend, case, *make_inputs(case))
+    if backend == "torch":
+        import torch
+
+        m = z.amax(dim=1, keepdim=True)
+        buf = z - m
+        ops = {
+            "amax (read)": lambda: z.amax(dim=1, keepdim=True),
+            "sum (read)": lambda: z.sum(dim=1, keepdim=True),
+            "z - m (read, write new)": lambda: z - m,
+            "exp(z) (new)": lambda: torch.exp(z),
+            "exp_ in place": lambda: buf.exp_(),
+            "mul_ by (N,1) in place": lambda: buf.mul_(m),
+            "sub_ (N,1) in place": lambda: buf.sub_(m),
+            "z > -inf (bool new)": lambda: z > -torch.inf,
+            "where(z > -inf, z, 0) (new)": lambda: torch.where(z > -torch.inf, z, 0.0),
+            "arange == y (bool new)": lambda: torch.arange(z.shape[1]) == y[:, None],
+            "index_put_ (N values)": lambda: buf.index_put_((torch.arange(z.shape[0]), y), m[:, 0], accumulate=True),
+            "logsumexp (fused?)": lambda: torch.logsumexp(z, dim=1),
+            "softmax (fused, new)": lambda: torch.softmax(z, dim=1),
+            "log_softmax (fused, new)": lambda: torch.log_softmax(z, dim=1),
+            "F.cross_entropy fwd": lambda: torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1),
+        }
+    else:
+        import numpy as np
+
+        m = z.max(axis=1, keepdims=True)
+        buf = z - m
+        ops = {
+            "max (read)": lambda: z.max(axis=1, keepdims=True),
+            "sum (read)": lambda: z.sum(axis=1, keepdims=True),
+            "z - m (read, write new)": lambda: z - m,
+            "exp(z) (new)": lambda: np.exp(z),
+            "exp in place": lambda: np.exp(buf, out=buf),
+            "*= (N,1) in place": lambda: np.multiply(buf, m, out=buf),
+            "z > -inf (bool new)": lambda: z > -np.inf,
+            "where(z > -inf, z, 0) (new)": lambda: np.where(z > -np.inf, z, 0.0),
+            "arange == y (bool new)": lambda: np.arange(z.shape[1]) == y[:, None],
+            "fancy-index -= (N values)": lambda: np.subtract.at(buf, (np.arange(z.shape[0]), y), 0.0),
+            "matvec z @ w": lambda: z @ m[: z.shape[1], 0] if z.shape[0] >= z.shape[1] else z.sum(axis=1),
+        }
+    print(f"single passes over {case.label} logits ({case.logits_bytes / 2**20:.0f} MiB), median ms:")
+    for name, fn in ops.items():
+        t = measure(fn, lambda out: out, runs=5, min_time=0.05)["median_s"]
+        print(f"  {name:32s} {t * 1e3:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
