@@ -328,3 +328,66 @@ def test_loss_object(backend):
     xp_assert_close(fn.value_and_grad(z, y)[1], xlsce.value_and_grad(z, y, label_smoothing=0.1, smoothing="exclusive")[1])
     with pytest.raises(TypeError, match="unknown keywords"):
         xlsce.CrossEntropyLoss(label_smothing=0.1)
+
+
+# ---------------------------------------------------------------- blocked evaluation (eager numpy / torch)
+
+
+@pytest.mark.parametrize("name", ["numpy", "torch"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"label_smoothing": 0.1},
+        {"label_smoothing": 0.3, "smoothing": "exclusive", "weighted": True, "reduction": "none"},
+        {"label_smoothing": 0.2, "soft": True, "weighted": True},
+        {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 5.0, "reduction": "sum"},
+        {"label_smoothing": 0.1, "minus_inf": True, "weighted": True},
+        {"label_smoothing": 0.1, "smoothing": "exclusive", "minus_inf": True, "soft": True},
+        {"label_smoothing": 0.1, "minus_inf": True, "kdim": True, "reduction": "none"},
+    ],
+)
+def test_blocked_equals_whole(monkeypatch, name, kwargs):
+    """Eager NumPy and torch evaluate blocks of positions; array_api_strict never does. Same numbers."""
+    pytest.importorskip(name)
+    import xlsce._adapters
+
+    monkeypatch.setattr(xlsce._adapters, "BLOCK_ELEMENTS", 20)  # blocks of 3 rows of 7 classes
+    kwargs = dict(kwargs)
+    soft, weighted, minus_inf, kdim = (kwargs.pop(k, False) for k in ("soft", "weighted", "minus_inf", "kdim"))
+    rng = np.random.default_rng(5)
+    shape, axis = ((10, 7, 2), 1) if kdim else ((10, 7), -1)
+    z = rng.normal(scale=3, size=shape)
+    if minus_inf:
+        z[4, 2] = -np.inf  # in one block only
+        z[9, 5] = -np.inf
+    positions = tuple(s for i, s in enumerate(shape) if i != axis % len(shape))
+    if soft:
+        t = rng.dirichlet(np.ones(7), size=positions)
+        t = np.moveaxis(t, -1, axis)
+        if minus_inf:
+            t = np.where(np.isinf(z), 0.0, t)
+    else:
+        t = rng.integers(0, 7, size=positions)
+        t[(0,) * len(positions)] = -100
+        if minus_inf:
+            t[(4,) + (0,) * (len(positions) - 1)] = 0
+    if weighted:
+        kwargs["weight"] = rng.uniform(0.5, 2.0, size=7)
+    cot = rng.normal(size=positions) if kwargs.get("reduction") == "none" else None
+    results = {}
+    for backend in (Backend("array_api_strict"), Backend(name)):
+        a = backend.asarray
+        kw = {k: (a(v) if isinstance(v, np.ndarray) else v) for k, v in kwargs.items()}
+        results[backend.name] = xlsce.value_and_grad(
+            a(z), a(t), axis=axis, cotangent=None if cot is None else a(cot), **kw
+        )
+    for got, want in zip(results[name], results["array_api_strict"], strict=True):
+        xp_assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_softcap_keeps_minus_inf_out_of_play(backend):
+    # softcap maps 0 to 0, so (0, -inf, 0) must give exactly the uncapped result: log 2 and (0.5-0.95, 0, 0.5-0.05)
+    z = backend.asarray(np.array([[0.0, -np.inf, 0.0]]))
+    loss, grad = xlsce.value_and_grad(z, backend.asarray(np.array([0])), label_smoothing=0.1, softcap=3.0)
+    xp_assert_close(loss, math.log(2), rtol=1e-14)
+    xp_assert_close(grad, np.array([[-0.45, 0.0, 0.45]]), atol=1e-15)

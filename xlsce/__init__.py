@@ -47,12 +47,14 @@ def cross_entropy(
     :math:`\zeta` is ``z_loss`` and, for :math:`\varepsilon` = ``label_smoothing``,
 
     * ``smoothing="uniform"``: :math:`a = 1-\varepsilon,\ b = \varepsilon/K'`, i.e.
-      :math:`q = (1-\varepsilon)\,t + \varepsilon/K` (PyTorch, optax, Keras);
+      :math:`q = (1-\varepsilon)\,t + \varepsilon/K'` (PyTorch, optax, Keras);
     * ``smoothing="exclusive"``: :math:`b = \varepsilon/(K'-1),\ a = 1-\varepsilon-b`, i.e.
-      :math:`1-\varepsilon` on the target and :math:`\varepsilon/(K-1)` on every other class
-      (fairseq, Megatron, T5X).  Exclusive at :math:`\varepsilon` equals uniform at
-      :math:`\varepsilon K/(K-1)`; for probability targets it is
-      :math:`(1-\varepsilon)\,t + \varepsilon (1-t)/(K-1)`.
+      :math:`1-\varepsilon` on the target and :math:`\varepsilon/(K'-1)` on every other class
+      in play (fairseq, Megatron, T5X); with a single class in play, :math:`q = t`.
+      Exclusive at :math:`\varepsilon` equals uniform at :math:`\varepsilon K'/(K'-1)`; for
+      probability targets it is :math:`(1-\varepsilon)\,t + \varepsilon (1-t)/(K'-1)`.
+
+    With every logit finite (the usual case) :math:`K' = K`.
 
     Reductions follow PyTorch: ``"none"`` returns :math:`\ell_i m_i` (shape of the
     positions), ``"sum"`` :math:`\sum_i m_i \ell_i`, and ``"mean"`` divides that sum by
@@ -172,6 +174,11 @@ def value_and_grad(
       >>> loss, grad = xlsce.value_and_grad(logits, np.array([0]), label_smoothing=0.3)
       >>> np.round(grad, 4)  # softmax(z) - (0.8, 0.1, 0.1)
       array([[-0.1348,  0.1447, -0.01  ]])
+
+    References:
+      Goodfellow, Bengio and Courville, `Deep Learning <https://www.deeplearningbook.org/>`_,
+      section 6.2.2.3 (the softmax cross-entropy gradient); PyTorch's
+      ``nll_loss``/``log_softmax`` backward in ``aten/src/ATen/native/LossNLL.cpp``.
     """
     xp, cfg = _checks.validate(
         logits,
@@ -322,8 +329,10 @@ def linear_value_and_grad(hidden, classifier, target, /, *, cotangent=None, bias
 
 
 class CrossEntropyLoss:
-    """A configured :func:`cross_entropy`: ``loss_fn(logits, target)`` on any backend.
+    r"""A configured :func:`cross_entropy`: ``loss_fn(logits, target)`` on any backend.
 
+    Computes :math:`\ell = -\sum_c w_c q_c \log\operatorname{softmax}(z)_c + \zeta\,\mathrm{lse}^2`
+    with the smoothed target :math:`q` of :func:`cross_entropy`, reduced as configured.
     The keywords are those of :func:`cross_entropy` and are validated when the
     loss is called.  For a ``torch.nn.Module`` see ``xlsce.torch.CrossEntropyLoss``.
 
@@ -333,6 +342,10 @@ class CrossEntropyLoss:
       >>> loss_fn = xlsce.CrossEntropyLoss(label_smoothing=0.1, smoothing="exclusive")
       >>> round(float(loss_fn(np.array([[0.0, 0.0]]), np.array([1]))), 6)  # log 2
       0.693147
+
+    References:
+      Modelled on ``torch.nn.CrossEntropyLoss`` and optax's loss functions
+      (``optax/losses/_classification.py``).
     """
 
     def __init__(self, **keywords):

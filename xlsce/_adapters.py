@@ -13,6 +13,7 @@ Frameworks are imported lazily: importing xlsce imports neither torch nor jax.
 from __future__ import annotations
 
 import functools
+import math
 
 import array_api_compat
 
@@ -46,6 +47,129 @@ def is_traced(x) -> bool:
 
         return torch.compiler.is_compiling()
     return False
+
+
+# --------------------------------------------------------------------------- primitives
+#
+# Operations that the standard spells as several passes over the (N, K) data, done in one where the
+# library allows: in place on buffers that xlsce itself allocated (never on inputs), a scatter at the
+# target instead of a one-hot, a matrix-vector product instead of a product and a sum.  Each has the
+# plain array-API fallback, which is what JAX (fused by XLA anyway) and array-api-strict run.
+
+
+def can_branch(x) -> bool:
+    """Whether Python may look at values of ``x`` to skip work (eager numpy and torch only)."""
+    if array_api_compat.is_numpy_array(x):
+        return True
+    if is_torch(x):
+        import torch
+
+        return not torch.compiler.is_compiling()
+    return False
+
+
+def _inplace(x) -> bool:
+    return array_api_compat.is_numpy_array(x) or is_torch(x)
+
+
+def exp_(xp, a):
+    """exp(a), overwriting ``a`` where the library allows (``a`` must be xlsce's own buffer)."""
+    if array_api_compat.is_numpy_array(a):
+        return xp.exp(a, out=a)
+    if is_torch(a):
+        return a.exp_()
+    return xp.exp(a)
+
+
+def imul(a, b):
+    """a * b, in place on xlsce's own buffer ``a`` where the library allows."""
+    if _inplace(a):
+        a *= b
+        return a
+    return a * b
+
+
+def isub(a, b):
+    """a - b, in place on xlsce's own buffer ``a`` where the library allows."""
+    if _inplace(a):
+        a -= b
+        return a
+    return a - b
+
+
+def isub_at(xp, a, index, v, axis):
+    """``a`` minus ``v`` at ``index`` along ``axis`` (one index per position, keepdims)."""
+    if array_api_compat.is_numpy_array(a):
+        xp.put_along_axis(a, index, xp.take_along_axis(a, index, axis=axis) - v, axis=axis)
+        return a
+    if is_torch(a):
+        import torch
+
+        v = v if isinstance(v, torch.Tensor) else torch.full_like(index, v, dtype=a.dtype)
+        return a.scatter_add_(axis, index.long(), -v.expand(index.shape).to(a.dtype))
+    classes = xp.arange(a.shape[axis], dtype=index.dtype, device=array_api_compat.device(a))
+    classes = xp.reshape(classes, tuple(-1 if i == axis else 1 for i in range(a.ndim)))
+    return a - xp.where(classes == index, v, 0.0)
+
+
+def row_dot(xp, a, v, axis):
+    """sum_c v_c a_c along ``axis`` (keepdims); ``v`` None means ones, or broadcasts against ``a``."""
+    if v is None:
+        return xp.sum(a, axis=axis, keepdims=True)
+    if array_api_compat.is_numpy_array(a):
+        import numpy as np
+
+        with np.errstate(invalid="ignore"):  # 0 * -inf: the caller detects the non-finite sum
+            return _row_dot(xp, a, v, axis)
+    return _row_dot(xp, a, v, axis)
+
+
+def _row_dot(xp, a, v, axis):
+    if axis == a.ndim - 1 and v.ndim == a.ndim and all(s == 1 for s in v.shape[:-1]) and _inplace(a):
+        return xp.expand_dims(xp.matmul(a, xp.reshape(v, (-1,))), axis=axis)  # one BLAS pass, no temporary
+    return xp.sum(a * v, axis=axis, keepdims=True)
+
+
+BLOCK_ELEMENTS = 1 << 20  # positions x classes per block: 4 MiB of float32, cache-sized
+
+
+def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None):
+    """``fn(*arrays)`` evaluated on blocks of positions along axis 0, results joined.
+
+    Eager NumPy and PyTorch only (elsewhere one call on the whole arrays): every
+    temporary of ``fn`` is then block-sized, stays in cache and is recycled by the
+    allocator instead of costing fresh pages.  ``arrays`` share axis 0 (None and
+    Python numbers pass through); ``fn`` returns one array (written into a single
+    output of dtype ``out_dtype``) or a tuple of per-position arrays, Python
+    floats and bools (joined by concatenation, kept, or OR-ed).
+    """
+    x = arrays[0]
+    n = x.shape[0] if x.ndim else 0
+    rows = max(1, BLOCK_ELEMENTS // max(1, math.prod(x.shape[1:])))
+    if not (blocked and _inplace(x) and can_branch(x)) or n <= rows:
+        out = fn(*arrays)
+        return out if out_dtype is None or out.dtype == out_dtype else xp.astype(out, out_dtype)
+
+    def block(a, i):
+        return a[i : i + rows, ...] if hasattr(a, "shape") and a.ndim else a
+
+    if out_dtype is not None:
+        out = xp.empty(x.shape, dtype=out_dtype, device=array_api_compat.device(x))
+        for i in range(0, n, rows):
+            out[i : i + rows, ...] = fn(*(block(a, i) for a in arrays))
+        return out
+    parts = [fn(*(block(a, i) for a in arrays)) for i in range(0, n, rows)]
+    joined = []
+    for values in zip(*parts, strict=True):
+        if all(isinstance(v, bool) for v in values):
+            joined.append(any(values))
+        elif all(isinstance(v, float) for v in values) and len(set(values)) == 1:
+            joined.append(values[0])
+        else:
+            shapes = [next(p for p in part if hasattr(p, "shape") and p.ndim) for part in parts]
+            values = [v if hasattr(v, "shape") and v.ndim else xp.full(s.shape, v, dtype=s.dtype) for v, s in zip(values, shapes, strict=True)]
+            joined.append(xp.concat(values, axis=0))
+    return tuple(joined)
 
 
 def loss(xp, cfg: _math.Config, logits, target, weight, where):
@@ -138,7 +262,7 @@ def _jax_function():
         weight = None if weight is None else weight.value
         where = None if where is None else where.value
         out, res = _math.forward(jnp, cfg, logits, target, weight, where)
-        res = _math.Residuals(*(r if r is None else jnp.asarray(r) for r in res))
+        res = _math.Residuals(*(r if r is None or isinstance(r, bool) else jnp.asarray(r) for r in res))
         return out, (logits, target, weight, res, need_target)
 
     def bwd(cfg, saved, g):

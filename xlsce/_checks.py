@@ -136,7 +136,7 @@ def validate(
                 bad = bad & (target != ignore_index)
         if where is not None:
             bad = bad & where
-        if bool(xp.any(bad)):
+        if not _adapters.is_traced(bad) and bool(xp.any(bad)):  # a closed-over target inside jit traces too
             raise ValueError(
                 f"target holds class indices outside [0, {k}) that are neither ignore_index ({ignore_index}) nor masked by where"
             )

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from array_api_compat import device as _device
+from . import _adapters as _ops
 
 
 class Config(NamedTuple):
@@ -50,12 +50,13 @@ class Config(NamedTuple):
 class Residuals(NamedTuple):
     """What the backward needs besides the inputs: O(N), shaped like the loss with keepdims."""
 
-    lse: object  # log-sum-exp, with -inf rows replaced by 0
+    lse: object  # log-sum-exp (shift m + log s; 0 for a row of -inf only)
     coef: object  # sum_c w_c q_c + 2 zeta lse: the factor of softmax(z)
     a: object  # a * w[y] (index targets) or a (probability targets)
     b: object  # smoothing mass per class in play
     scale: object  # reduction factor per position (0 where ignored)
     y: object  # class index with ignored positions set to 0, keepdims (index targets)
+    masked: bool  # whether -inf logits need masking (always True when traced)
 
 
 def compute_dtype(xp, dtype):
@@ -69,8 +70,8 @@ def capped_logits(xp, cfg: Config, logits):
     dt = compute_dtype(xp, z.dtype)
     if z.dtype != dt:
         z = xp.astype(z, dt)
-    if cfg.softcap is not None:
-        z = cfg.softcap * xp.tanh(z / cfg.softcap)
+    if cfg.softcap is not None:  # s * tanh(z / s), keeping -inf (a class out of play) at -inf
+        z = xp.where(z == -xp.inf, -xp.inf, cfg.softcap * xp.tanh(z / cfg.softcap))
     return z
 
 
@@ -94,8 +95,11 @@ def _valid(xp, cfg: Config, target, where):
 
 
 def _coefficients(xp, cfg: Config, k_eff):
-    """Smoothing coefficients (a, b) for the number of classes in play."""
+    """Smoothing coefficients (a, b) for the number of classes in play (a number or per row)."""
     eps = cfg.eps
+    if isinstance(k_eff, float):  # every class in play
+        b = eps / (k_eff - 1) if cfg.exclusive else eps / k_eff
+        return (1.0 - eps - b if cfg.exclusive else 1.0 - eps), b
     if cfg.exclusive:
         several = k_eff > 1
         b = xp.where(several, eps / xp.where(several, k_eff - 1, 1.0), 0.0)
@@ -114,69 +118,30 @@ def _times(xp, c, x):
 
 
 def forward(xp, cfg: Config, logits, target, weight=None, where=None):
-    """Loss (reduced as ``cfg.reduction``) and the residuals for :func:`backward`."""
+    """Loss (reduced as ``cfg.reduction``) and the residuals for :func:`backward`.
+
+    The per-position terms are independent, so eager NumPy and PyTorch evaluate
+    them on blocks of positions that stay in cache (``_ops.by_blocks``); the
+    reduction then needs only per-position values.
+    """
     ax = cfg.axis
-    z = capped_logits(xp, cfg, logits)
-    dt = z.dtype
-    w = None if weight is None else _along(xp, xp.astype(weight, dt), ax, z.ndim)
+    dt = compute_dtype(xp, logits.dtype)
+    wv = None if weight is None else xp.astype(weight, dt)
     valid = _valid(xp, cfg, target, where)
-
-    # log-sum-exp shifted by the row max; a row of -inf only keeps lse = -inf.
-    m = xp.max(z, axis=ax, keepdims=True)
-    m = xp.where(m == -xp.inf, 0.0, m)
-    zs = z - m
-    s = xp.sum(xp.exp(zs), axis=ax, keepdims=True)
-    empty = s == 0  # every logit -inf: lse = -inf, kept out of the arithmetic
-    log_s = xp.log(xp.where(empty, 1.0, s))
-    lse_safe = m + log_s
-
-    # Smoothing: sums over the classes in play.
-    if cfg.eps > 0:
-        fin = z > -xp.inf
-        k_eff = xp.sum(xp.astype(fin, dt), axis=ax, keepdims=True)
-        zf = xp.where(fin, zs, 0.0)
-        if w is None:
-            s_wz, s_w = xp.sum(zf, axis=ax, keepdims=True), k_eff
-        else:
-            s_wz = xp.sum(w * zf, axis=ax, keepdims=True)
-            s_w = xp.sum(xp.where(fin, w, 0.0), axis=ax, keepdims=True)
-        a, b = _coefficients(xp, cfg, k_eff)
-        # sum_{c in F} w_c lp_c, in shifted coordinates (exact for huge logits)
-        smooth = _times(xp, b, s_wz - log_s * s_w)
-        coef = b * s_w
-    else:
-        a, b, smooth, coef = 1.0, 0.0, 0.0, 0.0
-
-    if cfg.soft:
-        t = xp.astype(target, dt)
-        wt = t if w is None else w * t
-        lp = zs - log_s
-        term = xp.sum(_times(xp, wt, lp), axis=ax, keepdims=True)
-        target_part = a * term
-        coef = coef + a * xp.sum(wt, axis=ax, keepdims=True)
-        a_res, y = a, None
-    else:
+    y = None
+    if not cfg.soft:
         y = target if valid is None else xp.where(xp.squeeze(valid, axis=ax), target, 0)
         y = xp.expand_dims(y, axis=ax)
-        z_y = xp.take_along_axis(zs, y, axis=ax)
-        lp_y = xp.where(z_y == -xp.inf, -xp.inf, z_y - log_s)
-        if w is None:
-            a_w = a
-        else:
-            w_y = xp.reshape(xp.take(xp.astype(weight, dt), xp.reshape(y, (-1,)), axis=0), y.shape)
-            a_w = a * w_y
-        target_part = _times(xp, a_w, lp_y)
-        coef = coef + a_w
-        a_res = a_w
 
-    loss = -(target_part + smooth)
-    if cfg.z_loss:
-        loss = loss + xp.where(empty, xp.inf, cfg.z_loss * lse_safe * lse_safe)
-        coef = coef + 2.0 * cfg.z_loss * lse_safe
+    def terms(logits, target, y):
+        return _position_terms(xp, cfg, logits, target, y, wv)
+
+    loss, lse, coef, a_res, b, masked = _ops.by_blocks(
+        xp, terms, (logits, target if cfg.soft else None, y), blocked=ax != 0
+    )
 
     # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf).
-    one = xp.ones_like(lse_safe)
-    vm = one if valid is None else xp.astype(valid, dt)
+    vm = xp.ones_like(lse) if valid is None else xp.astype(valid, dt)
     if valid is not None:
         loss = xp.where(valid, loss, 0.0)
     if cfg.reduction == "none":
@@ -186,17 +151,95 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None):
         scale = vm
         out = xp.sum(loss)
     else:
-        if cfg.soft or w is None:
+        if cfg.soft or wv is None:
             d = xp.sum(vm)
         else:
-            d = xp.sum(vm * w_y)
-        empty = d == 0
-        d = xp.where(empty, 1.0, d)
-        out = xp.where(empty, 0.0, xp.sum(loss) / d)
-        scale = xp.where(empty, 0.0, vm / d)
+            d = xp.sum(vm * xp.reshape(xp.take(wv, xp.reshape(y, (-1,)), axis=0), y.shape))
+        nothing = d == 0
+        d = xp.where(nothing, 1.0, d)
+        out = xp.where(nothing, 0.0, xp.sum(loss) / d)
+        scale = xp.where(nothing, 0.0, vm / d)
     if out.dtype != logits.dtype:
         out = xp.astype(out, logits.dtype)
-    return out, Residuals(lse_safe, coef, a_res, b, scale, y)
+    return out, Residuals(lse, coef, a_res, b, scale, y, masked)
+
+
+def _position_terms(xp, cfg: Config, logits, target, y, wv):
+    """Per-position loss (keepdims) and residual terms for a block of positions.
+
+    Passes over the data: max, shift (one buffer), the row sums the smoothing
+    and soft targets need, exp in place, sum.  The handling of -inf logits
+    costs extra passes only where they occur (eager) or may occur (traced,
+    where the compiler fuses them).
+    """
+    ax = cfg.axis
+    z = capped_logits(xp, cfg, logits)
+    dt = z.dtype
+    w = None if wv is None else _along(xp, wv, ax, z.ndim)
+
+    m = xp.max(z, axis=ax, keepdims=True)
+    m = xp.where(m == -xp.inf, 0.0, m)  # a row of -inf only
+    zs = z - m  # shifted logits: a buffer of ours, exponentiated in place below
+    if cfg.soft:
+        t = xp.astype(target, dt)
+        wt = t if w is None else w * t
+    else:
+        z_y = xp.take_along_axis(zs, y, axis=ax)
+
+    # Row sums of the shifted logits (sum_c w_c zs_c over the classes in play,
+    # sum_c w_c t_c zs_c for soft targets), taken before zs is overwritten.
+    smooth_sum = target_sum = None
+    masked = True
+    if _ops.can_branch(z):
+        sums = []
+        if cfg.eps > 0:
+            smooth_sum = _ops.row_dot(xp, zs, w, ax)
+            sums.append(smooth_sum)
+        if cfg.soft:
+            target_sum = _ops.row_dot(xp, zs, wt, ax)
+            sums.append(target_sum)
+        masked = any(not bool(xp.all(xp.isfinite(v))) for v in sums)  # a -inf logit somewhere
+    if masked:
+        fin = zs > -xp.inf
+        if cfg.eps > 0:
+            k_eff = xp.sum(xp.astype(fin, dt), axis=ax, keepdims=True)
+            zf = xp.where(fin, zs, 0.0)
+            smooth_sum = xp.sum(zf if w is None else w * zf, axis=ax, keepdims=True)
+            s_w = k_eff if w is None else xp.sum(xp.where(fin, w, 0.0), axis=ax, keepdims=True)
+        if cfg.soft:
+            target_sum = xp.sum(_times(xp, wt, zs), axis=ax, keepdims=True)
+    elif cfg.eps > 0:
+        k_eff = float(z.shape[ax])
+        s_w = k_eff if w is None else xp.sum(w)
+
+    s = xp.sum(_ops.exp_(xp, zs), axis=ax, keepdims=True)
+    empty = s == 0  # every logit -inf: lse = -inf, kept out of the arithmetic
+    log_s = xp.log(xp.where(empty, 1.0, s))
+    lse = m + log_s
+
+    if cfg.eps > 0:
+        a, b = _coefficients(xp, cfg, k_eff)
+        # sum_{c in F} w_c lp_c in shifted coordinates (exact for huge logits)
+        smooth = _times(xp, b, smooth_sum - log_s * s_w)
+        coef = b * s_w
+    else:
+        a, b, smooth, coef = 1.0, 0.0, 0.0, 0.0
+
+    if cfg.soft:
+        s_wt = xp.sum(wt, axis=ax, keepdims=True)
+        target_part = _times(xp, a, target_sum - log_s * s_wt)
+        a_res = a
+        coef = coef + a * s_wt
+    else:
+        a_res = a if w is None else a * xp.reshape(xp.take(wv, xp.reshape(y, (-1,)), axis=0), y.shape)
+        target_part = _times(xp, a_res, z_y - log_s)
+        coef = coef + a_res
+
+    loss = -(target_part + smooth)
+    if cfg.z_loss:
+        loss = loss + xp.where(empty, xp.inf, cfg.z_loss * lse * lse)
+        coef = coef + 2.0 * cfg.z_loss * lse
+    return loss, lse, coef, a_res, b, masked
 
 
 def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_target=False):
@@ -205,37 +248,50 @@ def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_ta
     ``g`` is the cotangent of the reduced loss: a scalar for "sum"/"mean", an
     array of the loss's shape for "none".  Returns ``(dlogits, dtarget)``,
     ``dtarget`` being None unless ``need_target`` and the targets are soft.
+    The gradient is the one buffer of the logits' shape that is allocated;
+    it is filled block by block, in place.
     """
     ax = cfg.axis
-    z = capped_logits(xp, cfg, logits)
-    dt = z.dtype
+    dt = compute_dtype(xp, logits.dtype)
     g = xp.astype(g, dt) if hasattr(g, "dtype") else g
     if cfg.reduction == "none" and hasattr(g, "shape"):
         g = xp.expand_dims(g, axis=ax)
     c = g * res.scale  # per position
-    p = xp.exp(z - res.lse)
-    dz = (c * res.coef) * p
-    w = None if weight is None else _along(xp, xp.astype(weight, dt), ax, z.ndim)
-    if cfg.soft:
-        t = xp.astype(target, dt)
-        wt = t if w is None else w * t
-        dz = dz - (c * res.a) * wt
-    else:
-        k = z.shape[ax]
-        classes = _along(xp, xp.arange(k, dtype=res.y.dtype, device=_device(z)), ax, z.ndim)
-        dz = dz - xp.where(classes == res.y, c * res.a, 0.0)
-    if cfg.eps > 0:
-        fin = z > -xp.inf
-        wf = xp.astype(fin, dt) if w is None else xp.where(fin, w, 0.0)
-        dz = dz - (c * res.b) * wf
-    if cfg.softcap is not None:
-        u = z / cfg.softcap
-        dz = dz * (1.0 - u * u)
-    if dz.dtype != logits.dtype:
-        dz = xp.astype(dz, logits.dtype)
+    wv = None if weight is None else xp.astype(weight, dt)
+
+    def grad(logits, target, y, lse, alpha, beta, gamma):
+        return _position_grad(xp, cfg, logits, target, y, wv, lse, alpha, beta, gamma, res.masked)
+
+    blocks = (logits, target if cfg.soft else None, res.y, res.lse, c * res.coef, c * res.b, c * res.a)
+    dz = _ops.by_blocks(xp, grad, blocks, blocked=ax != 0, out_dtype=logits.dtype)
     dtarget = None
     if need_target and cfg.soft:
+        z = capped_logits(xp, cfg, logits)
         lp = xp.where(z > -xp.inf, z - res.lse, 0.0)
-        dq = -(c * res.a) * lp
-        dtarget = dq if w is None else dq * w
+        dtarget = -(c * res.a) * (lp if wv is None else lp * _along(xp, wv, ax, z.ndim))
     return dz, dtarget
+
+
+def _position_grad(xp, cfg: Config, logits, target, y, wv, lse, alpha, beta, gamma, masked):
+    """alpha * softmax(z) - beta * w (on the classes in play) - gamma * (w * t or the one-hot), for a block."""
+    ax = cfg.axis
+    z = capped_logits(xp, cfg, logits)
+    dt = z.dtype
+    w = None if wv is None else _along(xp, wv, ax, z.ndim)
+    dz = _ops.exp_(xp, z - lse)  # softmax, in a buffer of ours
+    dz = _ops.imul(dz, alpha)
+    if cfg.eps > 0:
+        wf = 1.0 if w is None else w
+        if masked:
+            fin = z > -xp.inf
+            wf = xp.astype(fin, dt) if w is None else xp.where(fin, w, 0.0)
+        dz = _ops.isub(dz, beta * wf)
+    if cfg.soft:
+        t = xp.astype(target, dt)
+        dz = _ops.isub(dz, gamma * (t if w is None else w * t))
+    else:
+        dz = _ops.isub_at(xp, dz, y, gamma, ax)
+    if cfg.softcap is not None:  # d(s tanh(x/s))/dx = 1 - tanh(x/s)^2, which is 0 at x = -inf
+        u = xp.tanh(xp.astype(logits, dt) / cfg.softcap)
+        dz = _ops.imul(dz, 1.0 - u * u)
+    return dz

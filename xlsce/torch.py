@@ -12,6 +12,11 @@ __all__ = ["CrossEntropyLoss"]
 class CrossEntropyLoss(torch.nn.Module):
     r"""Drop-in replacement for :class:`torch.nn.CrossEntropyLoss`, plus ``smoothing``.
 
+    Computes :math:`\ell = -\sum_c w_c q_c \log\operatorname{softmax}(x)_c` over the classes
+    of dimension 1, with :math:`q = (1-\varepsilon)\,\mathrm{onehot}(y) + \varepsilon/C` (uniform)
+    or :math:`1-\varepsilon` on the target and :math:`\varepsilon/(C-1)` elsewhere (exclusive),
+    and PyTorch's reductions (the weighted mean divides by :math:`\sum_i w_{y_i}`).
+
     Same arguments, defaults and layout (classes along dimension 1, or an
     unbatched ``(C,)`` input) as PyTorch; computes :func:`xlsce.cross_entropy`
     with ``axis=1`` (``axis=0`` for unbatched input).  ``weight`` is registered
@@ -40,6 +45,10 @@ class CrossEntropyLoss(torch.nn.Module):
       >>> loss.backward()
       >>> round(loss.item(), 6)  # log 3
       1.098612
+
+    References:
+      ``torch.nn.CrossEntropyLoss`` (https://pytorch.org/docs/stable/generated/torch.nn.CrossEntropyLoss.html);
+      Szegedy et al., `Rethinking the Inception Architecture <https://arxiv.org/abs/1512.00567>`_, 2016.
     """
 
     def __init__(
