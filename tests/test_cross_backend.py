@@ -8,7 +8,7 @@ NumPy, array-api-strict, JAX and PyTorch:
 * the losses and the ``value_and_grad`` gradients agree between the four backends
   (rtol 1e-10);
 * on PyTorch, ``loss.backward()`` and on JAX, ``jax.vjp`` give the same gradient as
-  ``value_and_grad``;
+  ``value_and_grad`` (JAX runs under ``jax.jit``: one compilation per problem);
 * the loss equals a dense NumPy transcription of the documented formula
   (q = a t + b 1_F, loss = -sum_c w_c q_c log softmax(z)_c + zeta lse^2, PyTorch's reductions).
 """
@@ -129,6 +129,8 @@ def dense_reference(x, t, kw):
 
 def _run(backend, x, t, kw, cotangent):
     """[(how, loss, grad)] of xlsce on one backend."""
+    if backend.name == "jax":
+        return _run_jax_jit(backend, x, t, kw, cotangent)
     X, T = backend.asarray(x), backend.asarray(t)
     kws = {k: (backend.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
     ct = None if cotangent is None else backend.asarray(cotangent)
@@ -138,10 +140,29 @@ def _run(backend, x, t, kw, cotangent):
         loss = xlsce.cross_entropy(Xg, T, **kws)
         loss.backward(torch.ones((), dtype=loss.dtype) if ct is None else ct)
         out.append(("torch autograd", loss, Xg.grad))
-    elif backend.name == "jax":
-        loss, vjp = jax.vjp(lambda z: xlsce.cross_entropy(z, T, **kws), X)
-        out.append(("jax.vjp", loss, vjp(jax.numpy.ones(()) if ct is None else ct)[0]))
     return out
+
+
+def _run_jax_jit(backend, x, t, kw, cotangent):
+    """JAX under one ``jax.jit``: value_and_grad and jax.vjp of cross_entropy.
+
+    One compilation per generated problem instead of one per primitive in eager mode (about 4x faster here);
+    eager JAX is compared with PyTorch and optax over fixed grids in test_reference_torch.py and
+    test_reference_optax.py.
+    """
+    arrays = {k: backend.asarray(v) for k, v in kw.items() if isinstance(v, np.ndarray)}
+    static = {k: v for k, v in kw.items() if not isinstance(v, np.ndarray)}
+
+    @jax.jit
+    def both(X, T, arrs, ct):
+        kws = dict(static, **arrs)
+        loss, grad = xlsce.value_and_grad(X, T, cotangent=ct, **kws)
+        loss_vjp, vjp = jax.vjp(lambda z: xlsce.cross_entropy(z, T, **kws), X)
+        return loss, grad, loss_vjp, vjp(jax.numpy.ones((), X.dtype) if ct is None else ct)[0]
+
+    ct = None if cotangent is None else backend.asarray(cotangent)
+    loss, grad, loss_vjp, grad_vjp = both(backend.asarray(x), backend.asarray(t), arrays, ct)
+    return [("jax.jit(value_and_grad)", loss, grad), ("jax.jit(jax.vjp)", loss_vjp, grad_vjp)]
 
 
 @hypothesis.settings(

@@ -153,7 +153,7 @@ def test_smooth_labels_along_any_axis(request, backend, shape, axis, kind):
 # --------------------------------------------------------------------------- integer labels
 
 
-@pytest.mark.parametrize("shape", SHAPES + [(3,), (6, 1)])
+@pytest.mark.parametrize("shape", SHAPES + [(4,), (5, 1)])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_softmax_cross_entropy_with_integer_labels(request, backend, shape, reduction):
     rng, x, y, _ = _inputs(shape, seed=sum(shape))
@@ -210,12 +210,13 @@ def test_class_where_is_minus_inf_logits(request, backend, kind, alpha):
     Both spread the smoothing mass over the classes in play only, alpha / K'.
     """
     rng = np.random.default_rng(21)
-    n, k = 6, 5
+    n, k = 5, 4
     x = rng.normal(size=(n, k))
     in_play = rng.random((n, k)) < 0.7
     in_play[:, 0] = True
     in_play[1] = True  # one row with every class in play
     in_play[2, 1:] = False  # one row with a single class in play
+    assert (~in_play).sum() >= 3
     if kind == "index":
         y = np.array([rng.choice(np.flatnonzero(row)) for row in in_play])
         t, labels = y, np.eye(k)[y]
@@ -258,7 +259,7 @@ def _fairseq(x, y, eps, ignore_index=None):
     return loss, grad
 
 
-@pytest.mark.parametrize("shape", [(6, 2), (6, 5), (2, 3, 7)])
+@pytest.mark.parametrize("shape", [(5, 2), (5, 4), (2, 3, 4)])
 @pytest.mark.parametrize("eps", [0.1, 0.5, 1.0])
 def test_exclusive_matches_fairseq(backend, shape, eps):
     rng, x, y, _ = _inputs(shape, seed=shape[-1] + int(10 * eps))
@@ -272,8 +273,8 @@ def test_exclusive_matches_fairseq(backend, shape, eps):
 
 @pytest.mark.parametrize("eps", [0.1, 0.6])
 def test_exclusive_soft_targets_by_hand(backend, eps):
-    """Soft version of the exclusive convention: q = (1-eps) t + eps (1-t)/(K-1); loss = -sum q log p, grad = p sum(q) - q."""
-    rng, x, t, _ = _inputs((4, 3, 5), seed=3, kind="prob")
+    """Soft exclusive convention: q = (1-eps) t + eps (1-t)/(K-1); loss = -sum q log p; grad = p sum(q) - q."""
+    rng, x, t, _ = _inputs((2, 3, 4), seed=3, kind="prob")
     k = x.shape[-1]
     q = (1.0 - eps) * t + eps * (1.0 - t) / (k - 1)
     loss = -(q * _log_softmax(x, -1)).sum(axis=-1)
@@ -282,17 +283,17 @@ def test_exclusive_soft_targets_by_hand(backend, eps):
     _check(backend, loss, grad * ct[..., None], x, t, ct, label_smoothing=eps, smoothing="exclusive", reduction="none")
 
 
-@pytest.mark.parametrize("k", [2, 10])
+@pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_exclusive_equals_uniform_at_rescaled_eps(backend, k, kind, reduction):
     """exclusive(eps) == uniform(eps * K / (K - 1)), with weights and a where mask too."""
-    rng, x, t, _ = _inputs((7, k), seed=k, kind=kind)
+    rng, x, t, _ = _inputs((5, k), seed=k, kind=kind)
     X, T = backend.asarray(x), backend.asarray(t)
-    where = rng.random(7) < 0.7
+    where = rng.random(5) < 0.7
     where[0] = True
     kw = dict(weight=backend.asarray(rng.uniform(0.5, 2.0, size=k)), where=backend.asarray(where), reduction=reduction)
-    ct = backend.asarray(rng.normal(size=7)) if reduction == "none" else None
+    ct = backend.asarray(rng.normal(size=5)) if reduction == "none" else None
     for eps in (0.05, 0.3, (k - 1) / k):
         excl = xlsce.value_and_grad(X, T, cotangent=ct, label_smoothing=eps, smoothing="exclusive", **kw)
         unif = xlsce.value_and_grad(X, T, cotangent=ct, label_smoothing=min(eps * k / (k - 1), 1.0), **kw)

@@ -147,7 +147,8 @@ def test_jax_vmap_with_in_axes_over_the_class_weights():
 # --------------------------------------------------------------------------- torch.compile
 
 COMPILE_CASES = [
-    # (backend, kind, keywords): inductor codegen for one, aot_eager (traces forward and backward, no codegen) for the other
+    # (backend, kind, keywords): inductor codegen for one, aot_eager (traces forward and backward, no codegen) for
+    # the other
     pytest.param(
         "inductor", "index", dict(label_smoothing=0.1, ignore_index=-100, reduction="mean"), id="inductor-index"
     ),
