@@ -179,6 +179,21 @@ def test_torch_autograd_equals_materialised(reduction):
         xp_assert_close(a, c, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_torch_autograd_without_bias(reduction):
+    torch = pytest.importorskip("torch")
+    hidden, classifier, _, target, _, _ = _problem(19)
+    t = torch.from_numpy(target)
+    xs = [torch.tensor(a, requires_grad=True) for a in (hidden, classifier)]
+    out = xlsce.linear_cross_entropy(*xs, t, chunk_size=7, reduction=reduction, label_smoothing=0.1)
+    cot = torch.from_numpy(np.random.default_rng(20).normal(size=out.shape))
+    grads = torch.autograd.grad(out, xs, cot)
+    want, want_g = reference(hidden, classifier, None, target, dict(label_smoothing=0.1), reduction, cot.numpy())
+    xp_assert_close(out, want, rtol=1e-12, atol=1e-13)
+    for a, c in zip(grads, want_g[:2], strict=True):
+        xp_assert_close(a, c, rtol=1e-11, atol=1e-13)
+
+
 def test_torch_partial_requires_grad_and_no_grad():
     torch = pytest.importorskip("torch")
     hidden, classifier, bias, target, _, _ = _problem(7)
