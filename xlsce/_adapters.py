@@ -109,7 +109,47 @@ def isub_at(xp, a, index, v, axis):
         return a.scatter_add_(axis, index.long(), -v.expand(index.shape).to(a.dtype))
     classes = xp.arange(a.shape[axis], dtype=index.dtype, device=array_api_compat.device(a))
     classes = xp.reshape(classes, tuple(-1 if i == axis else 1 for i in range(a.ndim)))
-    return a - xp.where(classes == index, v, 0.0)
+    return xp.where(classes == index, a - v, a)
+
+
+def number(x):
+    """A 0-d array whose value can be read cheaply (eager, on the CPU) as a Python float; else ``x``."""
+    if getattr(x, "ndim", None) == 0 and can_branch(x) and str(array_api_compat.device(x)) == "cpu":
+        return float(x)
+    return x
+
+
+def min_max(xp, x):
+    """``(min(x), max(x))`` as Python numbers (eager only)."""
+    if is_torch(x):
+        lo, hi = x.aminmax()  # one pass instead of two
+        return lo.item(), hi.item()
+    return xp.min(x).item(), xp.max(x).item()
+
+
+def take_at(xp, a, index, axis):
+    """``a`` at ``index`` along ``axis`` (one index in range per position, keepdims)."""
+    if is_torch(a):  # the array-api-compat wrapper adds three operations for negative indices
+        import torch
+
+        return a.gather(axis, index if index.dtype == torch.int64 else index.long())
+    return xp.take_along_axis(a, index, axis=axis)
+
+
+def all_finite(xp, *arrays):
+    """Whether every value of ``arrays`` is finite (eager only): one reduction each, one sync.
+
+    Sums that overflow count as not finite: the caller then takes its general path.
+    """
+    total = None
+    for a in arrays:
+        total = xp.sum(a) if total is None else total + xp.sum(a)
+    if array_api_compat.is_numpy_array(total) or not hasattr(total, "device"):  # numpy sums are scalars
+        import numpy as np
+
+        with np.errstate(over="ignore", invalid="ignore"):
+            return math.isfinite(float(total))
+    return math.isfinite(float(total))
 
 
 def row_dot(xp, a, v, axis):
@@ -146,7 +186,7 @@ def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None):
     x = arrays[0]
     n = x.shape[0] if x.ndim else 0
     rows = max(1, BLOCK_ELEMENTS // max(1, math.prod(x.shape[1:])))
-    if not (blocked and _inplace(x) and can_branch(x)) or n <= rows:
+    if n <= rows or not (blocked and _inplace(x) and can_branch(x)):
         out = fn(*arrays)
         return out if out_dtype is None or out.dtype == out_dtype else xp.astype(out, out_dtype)
 
@@ -202,8 +242,16 @@ def _value_and_grad(xp, cfg, logits, target, weight, where, cotangent):
 # --------------------------------------------------------------------------- torch
 
 
-@functools.cache
+_built = {}  # a plain dict, not functools.cache: torch.compile reads it but would trace into a cache's function
+
+
 def _torch_function():
+    if "torch" not in _built:
+        _built["torch"] = _make_torch_function()
+    return _built["torch"]
+
+
+def _make_torch_function():
     import torch
     from array_api_compat import torch as xpt
 

@@ -8,6 +8,7 @@ on eager arrays and are skipped under ``jax.jit``/``vmap`` and ``torch.compile``
 
 from __future__ import annotations
 
+import math
 import numbers
 
 from . import _adapters
@@ -51,17 +52,18 @@ def validate(
     softcap=None,
 ):
     """Check every argument; return ``(xp, Config)``."""
-    for name, value in (("logits", logits), ("target", target), ("weight", weight), ("where", where)):
-        if value is not None and not _is_array(value):
-            raise TypeError(f"{name} must be an array of an array-API library, got {type(value).__name__}")
+    named = (("logits", logits), ("target", target), ("weight", weight), ("where", where))
     try:
+        if any(isinstance(v, (int, float, complex)) for _, v in named):  # array_namespace skips Python numbers
+            raise TypeError
         xp = _adapters.namespace(logits, target, weight, where)
     except TypeError as e:
-        libs = {
-            name: type(v).__module__.split(".")[0]
-            for name, v in (("logits", logits), ("target", target), ("weight", weight), ("where", where))
-            if v is not None
-        }
+        for name, value in named:
+            if value is not None and not _is_array(value):
+                raise TypeError(
+                    f"{name} must be an array of an array-API library, got {type(value).__name__}"
+                ) from None
+        libs = {name: type(v).__module__.split(".")[0] for name, v in named if v is not None}
         raise TypeError(f"logits, target, weight and where must come from one array library, got {libs}") from e
 
     if not xp.isdtype(logits.dtype, "real floating"):
@@ -128,18 +130,8 @@ def validate(
         if tuple(where.shape) != positions:
             raise ValueError(f"where must have the shape of the target positions {positions}, got {tuple(where.shape)}")
 
-    if not soft and not any(_adapters.is_traced(a) for a in (target, where) if a is not None):
-        bad = (target < 0) | (target >= k)
-        if ignore_index is not None:
-            info = xp.iinfo(target.dtype)
-            if info.min <= ignore_index <= info.max:
-                bad = bad & (target != ignore_index)
-        if where is not None:
-            bad = bad & where
-        if not _adapters.is_traced(bad) and bool(xp.any(bad)):  # a closed-over target inside jit traces too
-            raise ValueError(
-                f"target holds class indices outside [0, {k}) that are neither ignore_index ({ignore_index}) nor masked by where"
-            )
+    if not soft:
+        ignore_index = _check_indices(xp, target, k, ignore_index, where)
 
     cfg = Config(
         axis=axis,
@@ -152,6 +144,31 @@ def validate(
         softcap=softcap,
     )
     return xp, cfg
+
+
+def _check_indices(xp, target, k, ignore_index, where):
+    """Raise if a class index is outside [0, k) and neither ignore_index nor masked by where (eager arrays).
+
+    Returns ``ignore_index``, or None when no target holds it (the loss then needs no mask for it).
+    """
+    if _adapters.can_branch(target) and math.prod(target.shape):  # eager numpy/torch: min and max first
+        lo, hi = _adapters.min_max(xp, target)
+        if 0 <= lo and hi < k:
+            return ignore_index if ignore_index is not None and lo <= ignore_index <= hi else None
+    if any(_adapters.is_traced(a) for a in (target, where) if a is not None):
+        return ignore_index  # no values under jax.jit/vmap or torch.compile
+    bad = (target < 0) | (target >= k)
+    if ignore_index is not None:
+        info = xp.iinfo(target.dtype)
+        if info.min <= ignore_index <= info.max:
+            bad = bad & (target != ignore_index)
+    if where is not None:
+        bad = bad & where
+    if not _adapters.is_traced(bad) and bool(xp.any(bad)):  # a closed-over target inside jit traces too
+        raise ValueError(
+            f"target holds class indices outside [0, {k}) that are neither ignore_index ({ignore_index}) nor masked by where"
+        )
+    return ignore_index
 
 
 def validate_linear(

@@ -29,6 +29,7 @@ residuals are a handful of per-position vectors.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from . import _adapters as _ops
@@ -81,7 +82,7 @@ def _along(xp, v, axis, ndim):
 
 
 def _valid(xp, cfg: Config, target, where):
-    """Boolean of the positions that count (keepdims), or None when all do."""
+    """Boolean of the positions that count (the positions' shape), or None when all do."""
     valid = None
     if not cfg.soft and cfg.ignore_index is not None:
         info = xp.iinfo(target.dtype)
@@ -89,8 +90,6 @@ def _valid(xp, cfg: Config, target, where):
             valid = target != cfg.ignore_index
     if where is not None:
         valid = where if valid is None else xp.logical_and(valid, where)
-    if valid is not None:
-        valid = xp.expand_dims(valid, axis=cfg.axis)
     return valid
 
 
@@ -113,7 +112,7 @@ def _coefficients(xp, cfg: Config, k_eff):
 def _times(xp, c, x):
     """c * x with 0 wherever c == 0, also where x is infinite (0 * log 0 = 0)."""
     if isinstance(c, float):
-        return c * x if c != 0 else xp.zeros_like(x)
+        return x if c == 1 else c * x if c != 0 else xp.zeros_like(x)
     return c * xp.where(c == 0, 0.0, x)
 
 
@@ -126,12 +125,13 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None):
     """
     ax = cfg.axis
     dt = compute_dtype(xp, logits.dtype)
-    wv = None if weight is None else xp.astype(weight, dt)
+    wv = None if weight is None else xp.astype(weight, dt, copy=False)
     valid = _valid(xp, cfg, target, where)
     y = None
     if not cfg.soft:
-        y = target if valid is None else xp.where(xp.squeeze(valid, axis=ax), target, 0)
-        y = xp.expand_dims(y, axis=ax)
+        y = xp.expand_dims(target if valid is None else xp.where(valid, target, 0), axis=ax)
+    if valid is not None:
+        valid = xp.expand_dims(valid, axis=ax)
 
     def terms(logits, target, y):
         return _position_terms(xp, cfg, logits, target, y, wv)
@@ -141,7 +141,7 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None):
     )
 
     # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf).
-    vm = xp.ones_like(lse) if valid is None else xp.astype(valid, dt)
+    vm = 1.0 if valid is None else xp.astype(valid, dt)
     if valid is not None:
         loss = xp.where(valid, loss, 0.0)
     if cfg.reduction == "none":
@@ -151,14 +151,20 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None):
         scale = vm
         out = xp.sum(loss)
     else:
-        if cfg.soft or wv is None:
-            d = xp.sum(vm)
-        else:
+        out = xp.sum(loss)
+        if not cfg.soft and wv is not None:
             d = xp.sum(vm * xp.reshape(xp.take(wv, xp.reshape(y, (-1,)), axis=0), y.shape))
-        nothing = d == 0
-        d = xp.where(nothing, 1.0, d)
-        out = xp.where(nothing, 0.0, xp.sum(loss) / d)
-        scale = xp.where(nothing, 0.0, vm / d)
+        else:
+            d = xp.sum(vm) if valid is not None else float(math.prod(lse.shape))
+        if not isinstance(d, float) and _ops.can_branch(d):
+            d = float(d)
+        if isinstance(d, float):  # a mean over nothing decided in Python
+            out, scale = (out / d, vm / d) if d != 0 else (xp.zeros_like(out), 0.0)
+        else:
+            nothing = d == 0
+            d = xp.where(nothing, 1.0, d)
+            out = xp.where(nothing, 0.0, out / d)
+            scale = xp.where(nothing, 0.0, vm / d)
     if out.dtype != logits.dtype:
         out = xp.astype(out, logits.dtype)
     return out, Residuals(lse, coef, a_res, b, scale, y, masked)
@@ -176,21 +182,25 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv):
     z = capped_logits(xp, cfg, logits)
     dt = z.dtype
     w = None if wv is None else _along(xp, wv, ax, z.ndim)
-
-    m = xp.max(z, axis=ax, keepdims=True)
-    m = xp.where(m == -xp.inf, 0.0, m)  # a row of -inf only
-    zs = z - m  # shifted logits: a buffer of ours, exponentiated in place below
     if cfg.soft:
-        t = xp.astype(target, dt)
+        t = xp.astype(target, dt, copy=False)
         wt = t if w is None else w * t
-    else:
-        z_y = xp.take_along_axis(zs, y, axis=ax)
+
+    # Eager, -inf logits are looked for (in the row maxima, then in the row sums that the smoothing
+    # and soft targets need anyway); traced, their handling is always in the graph (fused there).
+    m = xp.max(z, axis=ax, keepdims=True)
+    eager = _ops.can_branch(z)
+    masked = not (eager and _ops.all_finite(xp, m))
+    if masked:
+        m = xp.where(m == -xp.inf, 0.0, m)  # a row of -inf only
+    zs = z - m  # shifted logits: a buffer of ours, exponentiated in place below
+    if not cfg.soft:
+        z_y = _ops.take_at(xp, zs, y, ax)
 
     # Row sums of the shifted logits (sum_c w_c zs_c over the classes in play,
     # sum_c w_c t_c zs_c for soft targets), taken before zs is overwritten.
     smooth_sum = target_sum = None
-    masked = True
-    if _ops.can_branch(z):
+    if eager and not masked:
         sums = []
         if cfg.eps > 0:
             smooth_sum = _ops.row_dot(xp, zs, w, ax)
@@ -198,7 +208,7 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv):
         if cfg.soft:
             target_sum = _ops.row_dot(xp, zs, wt, ax)
             sums.append(target_sum)
-        masked = any(not bool(xp.all(xp.isfinite(v))) for v in sums)  # a -inf logit somewhere
+        masked = bool(sums) and not _ops.all_finite(xp, *sums)  # a -inf logit somewhere
     if masked:
         fin = zs > -xp.inf
         if cfg.eps > 0:
@@ -213,31 +223,32 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv):
         s_w = k_eff if w is None else xp.sum(w)
 
     s = xp.sum(_ops.exp_(xp, zs), axis=ax, keepdims=True)
-    empty = s == 0  # every logit -inf: lse = -inf, kept out of the arithmetic
-    log_s = xp.log(xp.where(empty, 1.0, s))
+    if masked:
+        empty = s == 0  # every logit -inf: lse = -inf, kept out of the arithmetic
+        log_s = xp.log(xp.where(empty, 1.0, s))
+    else:
+        log_s = xp.log(s)  # s >= 1: the row maximum contributes exp(0)
     lse = m + log_s
 
+    # loss = sum_c w_c q_c (lse - z_c) = coef * log_s - sum_c w_c q_c zs_c, with coef = sum_c w_c q_c:
+    # in shifted coordinates (exact for huge logits), 0 * (-inf) = 0 (a class out of play).
     if cfg.eps > 0:
         a, b = _coefficients(xp, cfg, k_eff)
-        # sum_{c in F} w_c lp_c in shifted coordinates (exact for huge logits)
-        smooth = _times(xp, b, smooth_sum - log_s * s_w)
-        coef = b * s_w
+        coef, qz = b * s_w, _times(xp, b, smooth_sum)
     else:
-        a, b, smooth, coef = 1.0, 0.0, 0.0, 0.0
-
+        a, b, coef, qz = 1.0, 0.0, 0.0, None
     if cfg.soft:
         s_wt = xp.sum(wt, axis=ax, keepdims=True)
-        target_part = _times(xp, a, target_sum - log_s * s_wt)
-        a_res = a
+        a_res, tz = a, _times(xp, a, target_sum)
         coef = coef + a * s_wt
     else:
         a_res = a if w is None else a * xp.reshape(xp.take(wv, xp.reshape(y, (-1,)), axis=0), y.shape)
-        target_part = _times(xp, a_res, z_y - log_s)
+        tz = _times(xp, a_res, z_y)
         coef = coef + a_res
-
-    loss = -(target_part + smooth)
+    loss = _times(xp, coef, log_s) - (tz if qz is None else tz + qz)
     if cfg.z_loss:
-        loss = loss + xp.where(empty, xp.inf, cfg.z_loss * lse * lse)
+        zl = cfg.z_loss * lse * lse
+        loss = loss + (xp.where(empty, xp.inf, zl) if masked else zl)
         coef = coef + 2.0 * cfg.z_loss * lse
     return loss, lse, coef, a_res, b, masked
 
@@ -253,22 +264,30 @@ def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_ta
     """
     ax = cfg.axis
     dt = compute_dtype(xp, logits.dtype)
-    g = xp.astype(g, dt) if hasattr(g, "dtype") else g
+    g = _ops.number(g)  # a 0-d cotangent on the CPU: Python arithmetic, fewer array operations
+    g = xp.astype(g, dt, copy=False) if hasattr(g, "dtype") else g
     if cfg.reduction == "none" and hasattr(g, "shape"):
         g = xp.expand_dims(g, axis=ax)
-    c = g * res.scale  # per position
-    wv = None if weight is None else xp.astype(weight, dt)
+    wv = None if weight is None else xp.astype(weight, dt, copy=False)
+    # alpha, beta, gamma = g * scale * (coef, b, a), per position; Python numbers multiplied first
+    if isinstance(res.scale, float):
+        alpha, beta, gamma = (
+            g * (res.scale * v) if isinstance(v, float) else g * res.scale * v for v in (res.coef, res.b, res.a)
+        )
+    else:
+        c = g * res.scale
+        alpha, beta, gamma = c * res.coef, c * res.b, c * res.a
 
     def grad(logits, target, y, lse, alpha, beta, gamma):
         return _position_grad(xp, cfg, logits, target, y, wv, lse, alpha, beta, gamma, res.masked)
 
-    blocks = (logits, target if cfg.soft else None, res.y, res.lse, c * res.coef, c * res.b, c * res.a)
+    blocks = (logits, target if cfg.soft else None, res.y, res.lse, alpha, beta, gamma)
     dz = _ops.by_blocks(xp, grad, blocks, blocked=ax != 0, out_dtype=logits.dtype)
     dtarget = None
     if need_target and cfg.soft:
         z = capped_logits(xp, cfg, logits)
         lp = xp.where(z > -xp.inf, z - res.lse, 0.0)
-        dtarget = -(c * res.a) * (lp if wv is None else lp * _along(xp, wv, ax, z.ndim))
+        dtarget = -gamma * (lp if wv is None else lp * _along(xp, wv, ax, z.ndim))
     return dz, dtarget
 
 
@@ -281,13 +300,13 @@ def _position_grad(xp, cfg: Config, logits, target, y, wv, lse, alpha, beta, gam
     dz = _ops.exp_(xp, z - lse)  # softmax, in a buffer of ours
     dz = _ops.imul(dz, alpha)
     if cfg.eps > 0:
-        wf = 1.0 if w is None else w
+        wf = w
         if masked:
             fin = z > -xp.inf
             wf = xp.astype(fin, dt) if w is None else xp.where(fin, w, 0.0)
-        dz = _ops.isub(dz, beta * wf)
+        dz = _ops.isub(dz, beta if wf is None else beta * wf)
     if cfg.soft:
-        t = xp.astype(target, dt)
+        t = xp.astype(target, dt, copy=False)
         dz = _ops.isub(dz, gamma * (t if w is None else w * t))
     else:
         dz = _ops.isub_at(xp, dz, y, gamma, ax)
