@@ -105,8 +105,11 @@ def isub_at(xp, a, index, v, axis):
     if is_torch(a):
         import torch
 
-        v = v if isinstance(v, torch.Tensor) else torch.full_like(index, v, dtype=a.dtype)
-        return a.scatter_add_(axis, index.long(), -v.expand(index.shape).to(a.dtype))
+        if isinstance(v, torch.Tensor):
+            src = -v.expand(index.shape).to(a.dtype)
+        else:
+            src = torch.full_like(index, -v, dtype=a.dtype)
+        return a.scatter_add_(axis, index if index.dtype == torch.int64 else index.long(), src)
     classes = xp.arange(a.shape[axis], dtype=index.dtype, device=array_api_compat.device(a))
     classes = xp.reshape(classes, tuple(-1 if i == axis else 1 for i in range(a.ndim)))
     return xp.where(classes == index, a - v, a)

@@ -150,13 +150,16 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None):
     elif cfg.reduction == "sum":
         scale = vm
         out = xp.sum(loss)
+    elif valid is None and (cfg.soft or wv is None):  # every position counts once
+        n = math.prod(lse.shape)
+        out, scale = (xp.mean(loss), 1.0 / n) if n else (xp.sum(loss), 0.0)  # a mean over nothing is 0
     else:
         out = xp.sum(loss)
-        if not cfg.soft and wv is not None:
-            d = xp.sum(vm * xp.reshape(xp.take(wv, xp.reshape(y, (-1,)), axis=0), y.shape))
+        if cfg.soft or wv is None:
+            d = xp.sum(vm)
         else:
-            d = xp.sum(vm) if valid is not None else float(math.prod(lse.shape))
-        if not isinstance(d, float) and _ops.can_branch(d):
+            d = xp.sum(vm * xp.reshape(xp.take(wv, xp.reshape(y, (-1,)), axis=0), y.shape))
+        if _ops.can_branch(d):
             d = float(d)
         if isinstance(d, float):  # a mean over nothing decided in Python
             out, scale = (out / d, vm / d) if d != 0 else (xp.zeros_like(out), 0.0)
@@ -245,7 +248,8 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv):
         a_res = a if w is None else a * xp.reshape(xp.take(wv, xp.reshape(y, (-1,)), axis=0), y.shape)
         tz = _times(xp, a_res, z_y)
         coef = coef + a_res
-    loss = _times(xp, coef, log_s) - (tz if qz is None else tz + qz)
+    qz = tz if qz is None else tz + qz
+    loss = (log_s if isinstance(coef, float) and coef == 1 else coef * log_s) - qz  # log_s is finite
     if cfg.z_loss:
         zl = cfg.z_loss * lse * lse
         loss = loss + (xp.where(empty, xp.inf, zl) if masked else zl)
