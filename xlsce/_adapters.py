@@ -155,6 +155,25 @@ def all_finite(xp, *arrays):
     return math.isfinite(float(total))
 
 
+def device(x):
+    return array_api_compat.device(x)
+
+
+def cond_finite(xp, like, fast, general):
+    """``fast()`` where all its values are finite, else ``general()``: traced code's choice of path.
+
+    Under JAX (``like`` a JAX array) a ``lax.cond``, so the general path costs nothing where it is
+    not taken; elsewhere (torch.compile, array-api-strict) the general path, which is always right.
+    """
+    if not is_jax(like):
+        return general()
+    import jax
+
+    values = fast()
+    ok = xp.all(xp.stack([xp.all(xp.isfinite(v)) for v in values]))
+    return jax.lax.cond(ok, lambda: values, general)
+
+
 def row_dot(xp, a, v, axis):
     """sum_c v_c a_c along ``axis`` (keepdims); ``v`` None means ones, or broadcasts against ``a``."""
     if v is None:

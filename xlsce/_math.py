@@ -198,12 +198,44 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv):
         m = xp.where(m == -xp.inf, 0.0, m)  # a row of -inf only
     zs = z - m  # shifted logits: a buffer of ours, exponentiated in place below
     if not cfg.soft:
-        z_y = _ops.take_at(xp, zs, y, ax)
+        z_y = _ops.take_at(xp, z, y, ax) - m
 
     # Row sums of the shifted logits (sum_c w_c zs_c over the classes in play,
     # sum_c w_c t_c zs_c for soft targets), taken before zs is overwritten.
     smooth_sum = target_sum = None
-    if eager and not masked:
+    if not eager and (cfg.eps > 0 or cfg.soft):
+        # Traced: the sums over all classes, relative to each row's first logit c (a consumer of z of
+        # their own, so that XLA fuses them into one pass); the masked sums only where they come out
+        # non-finite, i.e. where a logit is -inf (a lax.cond under jax.jit).
+        c = xp.take(z, xp.zeros((1,), dtype=xp.int32, device=_ops.device(z)), axis=ax)
+        zc = z - c
+
+        def plain():
+            k = float(z.shape[ax])
+            s_w = k * xp.ones_like(m) if w is None else xp.sum(w) * xp.ones_like(m)
+            out = [k * xp.ones_like(m), s_w]
+            if cfg.eps > 0:
+                out.append(_ops.row_dot(xp, zc, w, ax) + s_w * (c - m))
+            if cfg.soft:
+                out.append(_ops.row_dot(xp, zc, wt, ax) + xp.sum(wt, axis=ax, keepdims=True) * (c - m))
+            return tuple(out)
+
+        def general():
+            fin = z > -xp.inf
+            zf = xp.where(fin, z - m, 0.0)
+            k = xp.sum(xp.astype(fin, dt), axis=ax, keepdims=True)
+            out = [k, k if w is None else xp.sum(xp.where(fin, w, 0.0), axis=ax, keepdims=True)]
+            if cfg.eps > 0:
+                out.append(xp.sum(zf if w is None else w * zf, axis=ax, keepdims=True))
+            if cfg.soft:
+                out.append(xp.sum(_times(xp, wt, zf), axis=ax, keepdims=True))
+            return tuple(out)
+
+        sums = _ops.cond_finite(xp, z, plain, general)
+        k_eff, s_w = sums[0], sums[1]
+        smooth_sum = sums[2] if cfg.eps > 0 else None
+        target_sum = sums[-1] if cfg.soft else None
+    elif eager and not masked:
         sums = []
         if cfg.eps > 0:
             smooth_sum = _ops.row_dot(xp, zs, w, ax)
@@ -212,7 +244,7 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv):
             target_sum = _ops.row_dot(xp, zs, wt, ax)
             sums.append(target_sum)
         masked = bool(sums) and not _ops.all_finite(xp, *sums)  # a -inf logit somewhere
-    if masked:
+    if masked and eager:
         fin = zs > -xp.inf
         if cfg.eps > 0:
             k_eff = xp.sum(xp.astype(fin, dt), axis=ax, keepdims=True)
@@ -221,7 +253,7 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv):
             s_w = k_eff if w is None else xp.sum(xp.where(fin, w, 0.0), axis=ax, keepdims=True)
         if cfg.soft:
             target_sum = xp.sum(_times(xp, wt, zs), axis=ax, keepdims=True)
-    elif cfg.eps > 0:
+    elif eager and cfg.eps > 0:
         k_eff = float(z.shape[ax])
         s_w = k_eff if w is None else xp.sum(w)
 
