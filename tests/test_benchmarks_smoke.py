@@ -22,7 +22,8 @@ BACKENDS = [b for b in ("numpy", "jax", "torch") if importlib.util.find_spec(b) 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (a test dependency: the chart is part of the output)
+
     out = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--min-time", "0.002"]
     cmd += ["--shape", "64x10", "--shape", "200x300", "--variant", "masked", "--memory-min-size", "50000"]
