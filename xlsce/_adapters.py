@@ -12,7 +12,6 @@ Frameworks are imported lazily: importing xlsce imports neither torch nor jax.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import array_api_compat
@@ -267,13 +266,19 @@ def _value_and_grad(xp, cfg, logits, target, weight, where, cotangent):
 _built = {}  # a plain dict, not functools.cache: torch.compile reads it but would trace into a cache's function
 
 
+def _once(make):
+    """``make()`` built on first use and kept in ``_built`` (the autograd classes import their framework)."""
+
+    def get():
+        if make.__name__ not in _built:
+            _built[make.__name__] = make()
+        return _built[make.__name__]
+
+    return get
+
+
+@_once
 def _torch_function():
-    if "torch" not in _built:
-        _built["torch"] = _make_torch_function()
-    return _built["torch"]
-
-
-def _make_torch_function():
     import torch
     from array_api_compat import torch as xpt
 
@@ -313,7 +318,7 @@ def check_torch_weight(weight):
 # --------------------------------------------------------------------------- jax
 
 
-@functools.cache
+@_once
 def _jax_function():
     import jax
     import jax.numpy as jnp
@@ -429,7 +434,7 @@ def _torch_loop(*args):
     return _linear.eager_loop(*args, addmm=_torch_addmm)
 
 
-@functools.cache
+@_once
 def _torch_linear_function():
     import torch
     from array_api_compat import torch as xpt
@@ -505,7 +510,7 @@ def _jax_scan_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weigh
     return out, dh, dw, db
 
 
-@functools.cache
+@_once
 def _jax_linear_function():
     import jax
     import jax.numpy as jnp
