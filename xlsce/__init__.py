@@ -250,8 +250,8 @@ def linear_cross_entropy(
       chunk_size: rows per chunk.  Default: at most 64 MiB of float32 logits per
         chunk, ``C_max = max(1, 2**26 // (4 V))`` (``8 V`` for float64), with the
         positions split into ``ceil(N / C_max)`` chunks of equal size.
-      label_smoothing, smoothing, weight, ignore_index, where, reduction, z_loss,
-      softcap: as in :func:`cross_entropy` (the class axis is the last one).
+      label_smoothing, smoothing, weight, ignore_index, where, reduction, z_loss, softcap: as in
+        :func:`cross_entropy` (the class axis is the last one).
 
     Returns:
       The loss, in the dtype of ``hidden``: a scalar for ``"sum"``/``"mean"``,
