@@ -26,7 +26,9 @@ TARGET = np.array([2, 0])
 
 
 def _hand(q):
-    loss = -(sum(q[0, c] * math.log(P[0, c]) for c in range(3)) + sum(q[1, c] * math.log(P[1, c]) for c in range(3))) / 2
+    loss = (
+        -(sum(q[0, c] * math.log(P[0, c]) for c in range(3)) + sum(q[1, c] * math.log(P[1, c]) for c in range(3))) / 2
+    )
     return loss, (P - q) / 2
 
 
@@ -208,7 +210,9 @@ def test_half_precision(name, dtype):
         x = backend.asarray(x64).to(getattr(backend.xp, dtype))
     else:
         x = backend.asarray(x64).astype(getattr(backend.xp, dtype))
-    x_rounded = backend.to_numpy(x.float() if backend.name == "torch" else x.astype(backend.xp.float32)).astype(np.float64)
+    x_rounded = backend.to_numpy(x.float() if backend.name == "torch" else x.astype(backend.xp.float32)).astype(
+        np.float64
+    )
     loss, grad = xlsce.value_and_grad(x, y, label_smoothing=0.1, reduction="sum")
     assert loss.dtype == x.dtype and grad.dtype == x.dtype
     ref_loss, ref_grad = xlsce.value_and_grad(
@@ -230,7 +234,11 @@ def test_half_precision_mean_does_not_overflow_internally(name):
     y = backend.asarray(np.full(8192, 1))
     xh = backend.asarray(x.astype(np.float16))
     mean = xlsce.cross_entropy(xh, y)
-    xp_assert_close(mean.float() if backend.name == "torch" else mean.astype(np.float32), 10.0 + math.log1p(7 * math.exp(-10)), rtol=1e-3)
+    xp_assert_close(
+        mean.float() if backend.name == "torch" else mean.astype(np.float32),
+        10.0 + math.log1p(7 * math.exp(-10)),
+        rtol=1e-3,
+    )
 
 
 # ---------------------------------------------------------------- bad input
@@ -325,7 +333,9 @@ def test_loss_object(backend):
     z, y = _inputs(backend)
     fn = xlsce.CrossEntropyLoss(label_smoothing=0.1, smoothing="exclusive")
     xp_assert_close(fn(z, y), xlsce.cross_entropy(z, y, label_smoothing=0.1, smoothing="exclusive"), rtol=1e-15)
-    xp_assert_close(fn.value_and_grad(z, y)[1], xlsce.value_and_grad(z, y, label_smoothing=0.1, smoothing="exclusive")[1])
+    xp_assert_close(
+        fn.value_and_grad(z, y)[1], xlsce.value_and_grad(z, y, label_smoothing=0.1, smoothing="exclusive")[1]
+    )
     with pytest.raises(TypeError, match="unknown keywords"):
         xlsce.CrossEntropyLoss(label_smothing=0.1)
 
@@ -391,3 +401,62 @@ def test_softcap_keeps_minus_inf_out_of_play(backend):
     loss, grad = xlsce.value_and_grad(z, backend.asarray(np.array([0])), label_smoothing=0.1, softcap=3.0)
     xp_assert_close(loss, math.log(2), rtol=1e-14)
     xp_assert_close(grad, np.array([[-0.45, 0.0, 0.45]]), atol=1e-15)
+
+
+# ---------------------------------------------------------------- return_lse (z-loss reporting)
+
+
+def _np_lse(z):
+    with np.errstate(all="ignore"):
+        m = np.max(z, axis=-1, keepdims=True)
+        m = np.where(np.isinf(m), 0.0, m)
+        return (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))[..., 0]
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_return_lse_values(backend, softcap):
+    rng = np.random.default_rng(7)
+    z = rng.normal(scale=3, size=(5, 6))
+    z[1, 2] = -np.inf
+    z[3, :] = -np.inf  # nothing in play: lse = -inf
+    y = np.array([0, 1, 2, -100, 5])
+    loss, lse = xlsce.cross_entropy(
+        backend.asarray(z), backend.asarray(y), label_smoothing=0.1, z_loss=1e-3, softcap=softcap, return_lse=True
+    )
+    capped = z if softcap is None else np.where(np.isinf(z), -np.inf, softcap * np.tanh(z / softcap))
+    xp_assert_close(lse, _np_lse(capped), rtol=1e-13)
+    xp_assert_close(
+        loss,
+        xlsce.cross_entropy(backend.asarray(z), backend.asarray(y), label_smoothing=0.1, z_loss=1e-3, softcap=softcap),
+    )
+    with pytest.raises(TypeError, match="return_lse"):
+        xlsce.cross_entropy(backend.asarray(z), backend.asarray(y), return_lse=1)
+
+
+def test_return_lse_gradients_torch_and_jax():
+    # d/dz [loss + sum_i lse_i^2] against torch's own cross_entropy + torch.logsumexp, and jax.nn.logsumexp + optax
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(8)
+    z, y = rng.normal(size=(6, 5)), np.array([0, 1, 2, 3, 4, 0])
+    zt, zr = torch.tensor(z, requires_grad=True), torch.tensor(z, requires_grad=True)
+    loss, lse = xlsce.cross_entropy(zt, torch.from_numpy(y), label_smoothing=0.2, return_lse=True, axis=1)
+    (loss + (lse**2).sum()).backward()
+    ref = torch.nn.functional.cross_entropy(zr, torch.from_numpy(y), label_smoothing=0.2)
+    (ref + (torch.logsumexp(zr, 1) ** 2).sum()).backward()
+    xp_assert_close(zt.grad, zr.grad, atol=1e-14)
+
+    def ours(z):
+        loss, lse = xlsce.cross_entropy(z, jnp.asarray(y), label_smoothing=0.2, return_lse=True)
+        return loss + (lse**2).sum()
+
+    def reference(z):
+        q = optax.smooth_labels(jax.nn.one_hot(jnp.asarray(y), 5), 0.2)
+        return optax.softmax_cross_entropy(z, q).mean() + (jax.nn.logsumexp(z, axis=1) ** 2).sum()
+
+    want = jax.grad(reference)(jnp.asarray(z))
+    xp_assert_close(jax.grad(ours)(jnp.asarray(z)), want, atol=1e-14)
+    xp_assert_close(jax.jit(jax.grad(ours))(jnp.asarray(z)), want, atol=1e-14)

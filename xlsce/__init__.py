@@ -30,6 +30,7 @@ def cross_entropy(
     axis=-1,
     z_loss=0.0,
     softcap=None,
+    return_lse=False,
 ):
     r"""Softmax cross-entropy with label smoothing, class weights and masking.
 
@@ -86,9 +87,15 @@ def cross_entropy(
       z_loss: :math:`\zeta \ge 0`, weight of the :math:`\mathrm{lse}^2` term (PaLM).
       softcap: optional :math:`s > 0`: logits are first mapped to
         :math:`s \tanh(z/s)` (Gemma 2).
+      return_lse: also return the per-position log-sum-exp :math:`\mathrm{lse}_i`
+        (of the capped logits; :math:`-\infty` where every logit is :math:`-\infty`),
+        e.g. to log the z-loss :math:`\zeta\,\mathrm{lse}^2` as Liger's ``return_z_loss``
+        or Cut Cross-Entropy's ``return_lse`` do.  It is differentiable: its gradient
+        :math:`\mathrm{softmax}(z)` joins the loss's in the same analytic backward.
 
     Returns:
-      The loss: a scalar for ``"sum"``/``"mean"``, the positions' shape for ``"none"``.
+      The loss: a scalar for ``"sum"``/``"mean"``, the positions' shape for ``"none"``;
+      with ``return_lse=True`` the pair ``(loss, lse)``, ``lse`` of the positions' shape.
 
     Raises:
       TypeError, ValueError: on bad input, before any computation.  Class indices
@@ -125,6 +132,10 @@ def cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
     )
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if return_lse:
+        cfg = cfg._replace(return_lse=True)
     return _adapters.loss(xp, cfg, logits, target, weight, where)
 
 

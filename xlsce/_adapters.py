@@ -222,7 +222,9 @@ def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None):
     parts = [fn(*(block(a, i) for a in arrays)) for i in range(0, n, rows)]
     joined = []
     for values in zip(*parts, strict=True):
-        if all(isinstance(v, bool) for v in values):
+        if all(v is None for v in values):
+            joined.append(None)
+        elif all(isinstance(v, bool) for v in values):
             joined.append(any(values))
         elif all(isinstance(v, float) for v in values) and len(set(values)) == 1:
             joined.append(values[0])
@@ -234,12 +236,18 @@ def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None):
 
 
 def loss(xp, cfg: _math.Config, logits, target, weight, where):
-    """The loss, differentiable with the backend's own machinery where it has one."""
+    """The loss (and the reported log-sum-exp), differentiable with the backend's own machinery."""
     if is_torch(logits):
         return _torch_function().apply(cfg, logits, target, weight, where)
     if is_jax(logits):
         return _jax_function()(cfg, logits, target, weight, where)
-    return _math.forward(xp, cfg, logits, target, weight, where)[0]
+    out, res = _math.forward(xp, cfg, logits, target, weight, where)
+    return (out, _reported_lse(xp, cfg, res, logits)) if cfg.return_lse else out
+
+
+def _reported_lse(xp, cfg, res, logits):
+    lse = xp.squeeze(res.lse_out, axis=cfg.axis)
+    return lse if lse.dtype == logits.dtype else xp.astype(lse, logits.dtype)
 
 
 def value_and_grad(xp, cfg: _math.Config, logits, target, weight, where, cotangent):
@@ -291,14 +299,14 @@ def _torch_function():
             ctx.floats = [None if isinstance(r, torch.Tensor) else r for r in res]
             tensors = [r if isinstance(r, torch.Tensor) else None for r in res]
             ctx.save_for_backward(logits, target, weight, *tensors)
-            return out
+            return (out, _reported_lse(xpt, cfg, res, logits)) if cfg.return_lse else out
 
         @staticmethod
-        def backward(ctx, g):
+        def backward(ctx, g, g_lse=None):
             logits, target, weight, *tensors = ctx.saved_tensors
             res = _math.Residuals(*(t if f is None else f for t, f in zip(tensors, ctx.floats, strict=True)))
             dlogits, dtarget = _math.backward(
-                xpt, ctx.cfg, logits, target, weight, res, g, need_target=ctx.needs_input_grad[2]
+                xpt, ctx.cfg, logits, target, weight, res, g, need_target=ctx.needs_input_grad[2], g_lse=g_lse
             )
             if dtarget is not None:
                 dtarget = dtarget.to(target.dtype)
@@ -325,7 +333,8 @@ def _jax_function():
     from jax.custom_derivatives import SymbolicZero
 
     def primal(cfg, logits, target, weight, where):
-        return _math.forward(jnp, cfg, logits, target, weight, where)[0]
+        out, res = _math.forward(jnp, cfg, logits, target, weight, where)
+        return (out, _reported_lse(jnp, cfg, res, logits)) if cfg.return_lse else out
 
     fn = jax.custom_vjp(primal, nondiff_argnums=(0,))
 
@@ -337,14 +346,21 @@ def _jax_function():
         weight = None if weight is None else weight.value
         where = None if where is None else where.value
         out, res = _math.forward(jnp, cfg, logits, target, weight, where)
+        if cfg.return_lse:
+            out = (out, _reported_lse(jnp, cfg, res, logits))
         res = _math.Residuals(*(r if r is None or isinstance(r, bool) else jnp.asarray(r) for r in res))
         return out, (logits, target, weight, res, need_target)
 
     def bwd(cfg, saved, g):
         logits, target, weight, res, need_target = saved
+        g, g_lse = g if cfg.return_lse else (g, None)
         if isinstance(g, SymbolicZero):
             g = jnp.zeros(g.shape, g.dtype)
-        dlogits, dtarget = _math.backward(jnp, cfg, logits, target, weight, res, g, need_target=need_target)
+        if isinstance(g_lse, SymbolicZero):
+            g_lse = None
+        dlogits, dtarget = _math.backward(
+            jnp, cfg, logits, target, weight, res, g, need_target=need_target, g_lse=g_lse
+        )
         if dtarget is not None:
             dtarget = dtarget.astype(target.dtype)
         return dlogits, dtarget, None, None

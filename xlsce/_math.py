@@ -46,6 +46,7 @@ class Config(NamedTuple):
     soft: bool  # probability targets
     z_loss: float = 0.0
     softcap: float | None = None
+    return_lse: bool = False  # also report the per-position log-sum-exp
 
 
 class Residuals(NamedTuple):
@@ -58,6 +59,7 @@ class Residuals(NamedTuple):
     scale: object  # reduction factor per position (0 where ignored)
     y: object  # class index with ignored positions set to 0, keepdims (index targets)
     masked: bool  # whether -inf logits need masking (always True when traced)
+    lse_out: object = None  # the log-sum-exp to report (-inf where every logit is -inf), if asked
 
 
 def compute_dtype(xp, dtype):
@@ -136,7 +138,7 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None):
     def terms(logits, target, y):
         return _position_terms(xp, cfg, logits, target, y, wv)
 
-    loss, lse, coef, a_res, b, masked = _ops.by_blocks(
+    loss, lse, coef, a_res, b, masked, lse_out = _ops.by_blocks(
         xp, terms, (logits, target if cfg.soft else None, y), blocked=ax != 0
     )
 
@@ -170,7 +172,7 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None):
             scale = xp.where(nothing, 0.0, vm / d)
     if out.dtype != logits.dtype:
         out = xp.astype(out, logits.dtype)
-    return out, Residuals(lse, coef, a_res, b, scale, y, masked)
+    return out, Residuals(lse, coef, a_res, b, scale, y, masked, lse_out)
 
 
 def _position_terms(xp, cfg: Config, logits, target, y, wv):
@@ -207,10 +209,10 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv):
         # Traced: the sums over all classes, relative to each row's first logit c (a consumer of z of
         # their own, so that XLA fuses them into one pass); the masked sums only where they come out
         # non-finite, i.e. where a logit is -inf (a lax.cond under jax.jit).
-        c = xp.take(z, xp.zeros((1,), dtype=xp.int32, device=_ops.device(z)), axis=ax)
-        zc = z - c
 
         def plain():
+            c = xp.take(z, xp.zeros((1,), dtype=xp.int32, device=_ops.device(z)), axis=ax)
+            zc = z - c
             k = float(z.shape[ax])
             s_w = k * xp.ones_like(m) if w is None else xp.sum(w) * xp.ones_like(m)
             out = [k * xp.ones_like(m), s_w]
@@ -286,14 +288,19 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv):
         zl = cfg.z_loss * lse * lse
         loss = loss + (xp.where(empty, xp.inf, zl) if masked else zl)
         coef = coef + 2.0 * cfg.z_loss * lse
-    return loss, lse, coef, a_res, b, masked
+    lse_out = None
+    if cfg.return_lse:
+        lse_out = xp.where(empty, -xp.inf, lse) if masked else lse
+    return loss, lse, coef, a_res, b, masked, lse_out
 
 
-def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_target=False):
+def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_target=False, g_lse=None):
     """Gradient of the loss with respect to the logits (and the soft target).
 
     ``g`` is the cotangent of the reduced loss: a scalar for "sum"/"mean", an
-    array of the loss's shape for "none".  Returns ``(dlogits, dtarget)``,
+    array of the loss's shape for "none"; ``g_lse`` (optional, the positions'
+    shape) that of the reported log-sum-exp, whose gradient is
+    ``g_lse * softmax(z)``.  Returns ``(dlogits, dtarget)``,
     ``dtarget`` being None unless ``need_target`` and the targets are soft.
     The gradient is the one buffer of the logits' shape that is allocated;
     it is filled block by block, in place.
@@ -313,6 +320,8 @@ def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_ta
     else:
         c = g * res.scale
         alpha, beta, gamma = c * res.coef, c * res.b, c * res.a
+    if g_lse is not None:
+        alpha = alpha + xp.expand_dims(xp.astype(g_lse, dt, copy=False), axis=ax)
 
     def grad(logits, target, y, lse, alpha, beta, gamma):
         return _position_grad(xp, cfg, logits, target, y, wv, lse, alpha, beta, gamma, res.masked)
