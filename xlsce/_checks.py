@@ -37,6 +37,27 @@ def _is_array(x):
     return True
 
 
+def _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, classes):
+    """Check the static settings shared by the losses; return (eps, z_loss, softcap) as floats."""
+    eps = _number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    if smoothing not in SMOOTHINGS:
+        raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    z_loss = _number("z_loss", z_loss, low=0.0)
+    if softcap is not None:
+        softcap = _number("softcap", softcap, low=0.0)
+        if softcap == 0 or softcap == float("inf"):
+            raise ValueError(f"softcap must be a positive finite float or None, got {softcap}")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    if smoothing == "exclusive" and k == 1:
+        raise ValueError(
+            f'smoothing="exclusive" needs at least 2 classes (it puts eps/(K-1) on each other class); got {classes} = 1'
+        )
+    return eps, z_loss, softcap
+
+
 def validate(
     logits,
     target,
@@ -79,22 +100,7 @@ def validate(
     k = logits.shape[axis]
     positions = tuple(s for i, s in enumerate(logits.shape) if i != axis)
 
-    eps = _number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    if smoothing not in SMOOTHINGS:
-        raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    z_loss = _number("z_loss", z_loss, low=0.0)
-    if softcap is not None:
-        softcap = _number("softcap", softcap, low=0.0)
-        if softcap == 0 or softcap == float("inf"):
-            raise ValueError(f"softcap must be a positive finite float or None, got {softcap}")
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
-    if smoothing == "exclusive" and k == 1:
-        raise ValueError(
-            'smoothing="exclusive" needs at least 2 classes (it puts eps/(K-1) on each other class); got K = 1'
-        )
+    eps, z_loss, softcap = _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "K")
 
     if xp.isdtype(target.dtype, "integral"):
         soft = False
@@ -251,22 +257,7 @@ def validate_linear(
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
-    eps = _number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    if smoothing not in SMOOTHINGS:
-        raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    z_loss = _number("z_loss", z_loss, low=0.0)
-    if softcap is not None:
-        softcap = _number("softcap", softcap, low=0.0)
-        if softcap == 0 or softcap == float("inf"):
-            raise ValueError(f"softcap must be a positive finite float or None, got {softcap}")
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
-    if smoothing == "exclusive" and k == 1:
-        raise ValueError(
-            'smoothing="exclusive" needs at least 2 classes (it puts eps/(K-1) on each other class); got V = 1'
-        )
+    eps, z_loss, softcap = _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "V")
 
     if weight is not None:
         if not xp.isdtype(weight.dtype, "real floating"):

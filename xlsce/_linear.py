@@ -51,21 +51,9 @@ def chunk_config(cfg: _math.Config) -> _math.Config:
     return cfg._replace(axis=1, reduction="none" if cfg.reduction == "none" else "sum")
 
 
-def _mask(xp, cfg, target, where):
-    """Positions that count (bool (N,)), or None when all do."""
-    valid = None
-    if cfg.ignore_index is not None:
-        info = xp.iinfo(target.dtype)
-        if info.min <= cfg.ignore_index <= info.max:
-            valid = target != cfg.ignore_index
-    if where is not None:
-        valid = where if valid is None else xp.logical_and(valid, where)
-    return valid
-
-
 def denominator(xp, cfg, target, weight, where, dt):
     """The 'mean' denominator D = sum_i m_i w[y_i] (0-d array of dtype dt)."""
-    valid = _mask(xp, cfg, target, where)
+    valid = _math._valid(xp, cfg, target, where)
     dev = _device(target)
     if weight is None:
         if valid is None:
