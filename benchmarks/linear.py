@@ -42,6 +42,8 @@ import time
 
 import numpy as np
 
+from .memory import reset_peak, status_kib
+
 FULL = dict(n=8192, h=1024, v=65536)
 QUICK = dict(n=2048, h=256, v=16384)
 EPS = 0.1
@@ -54,24 +56,6 @@ def _inputs(n, h, v, seed=0):
     classifier = rng.standard_normal((v, h), dtype=np.float32) * np.float32(h**-0.5)
     target = rng.integers(0, v, size=n)
     return hidden, classifier, target
-
-
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _reset_peak():
-    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _torch_worker(impl, n, h, v, chunk, runs):
@@ -93,13 +77,15 @@ def _torch_worker(impl, n, h, v, chunk, runs):
         return (loss, *torch.autograd.grad(loss, (hh, classifier)))
 
     step(hidden[:8], target[:8])  # lazy initialisation, not counted
-    exact = _reset_peak()
-    base_rss, base_max = _status("VmRSS"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    exact = reset_peak()
+    base_rss, base_max = 1024 * status_kib("VmRSS"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     out = step(hidden, target)
     first = time.perf_counter() - t0
     peak = (
-        _status("VmHWM") - base_rss if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_max
+        1024 * status_kib("VmHWM") - base_rss
+        if exact
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_max
     )
     result = dict(
         peak_bytes=peak,

@@ -20,7 +20,8 @@ from .cases import Case, make_inputs, use_source
 from .impls import find_impl, to_backend
 
 
-def _status_kib(field):
+def status_kib(field):
+    """A field of /proc/self/status (VmRSS, VmHWM, ...) in KiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -28,7 +29,7 @@ def _status_kib(field):
     raise KeyError(field)
 
 
-def _reset_peak():
+def reset_peak():
     """Reset VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -56,8 +57,8 @@ def measure_here(spec):
 
         tracemalloc.start()
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss0 = _status_kib("VmRSS")
-    reset = _reset_peak()
+    rss0 = status_kib("VmRSS")
+    reset = reset_peak()
     if tracing:
         base = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
@@ -66,7 +67,7 @@ def measure_here(spec):
         traced = tracemalloc.get_traced_memory()[1] - base
         tracemalloc.stop()
     if reset:
-        peak_kib, method = _status_kib("VmHWM") - rss0, "VmHWM after clear_refs minus VmRSS before the call"
+        peak_kib, method = status_kib("VmHWM") - rss0, "VmHWM after clear_refs minus VmRSS before the call"
     else:
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0
         method = "ru_maxrss delta (includes the warm-up call)"

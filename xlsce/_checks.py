@@ -123,18 +123,7 @@ def validate(
     else:
         raise TypeError(f"target must hold integer class indices or floating probabilities, got dtype {target.dtype}")
 
-    if weight is not None:
-        if not xp.isdtype(weight.dtype, "real floating"):
-            raise TypeError(f"weight must have a real floating dtype, got {weight.dtype}")
-        if tuple(weight.shape) != (k,):
-            raise ValueError(f"weight must have shape ({k},) (one per class), got {tuple(weight.shape)}")
-        if _adapters.is_torch(weight):
-            _adapters.check_torch_weight(weight)
-    if where is not None:
-        if where.dtype != xp.bool:
-            raise TypeError(f"where must be a boolean array, got dtype {where.dtype}")
-        if tuple(where.shape) != positions:
-            raise ValueError(f"where must have the shape of the target positions {positions}, got {tuple(where.shape)}")
+    _check_weight_where(xp, weight, where, k, positions)
 
     if not soft:
         ignore_index = _check_indices(xp, target, k, ignore_index, where)
@@ -150,6 +139,22 @@ def validate(
         softcap=softcap,
     )
     return xp, cfg
+
+
+def _check_weight_where(xp, weight, where, k, positions):
+    """The class weights: (k,) floating, no gradient asked; the mask: boolean of the positions' shape."""
+    if weight is not None:
+        if not xp.isdtype(weight.dtype, "real floating"):
+            raise TypeError(f"weight must have a real floating dtype, got {weight.dtype}")
+        if tuple(weight.shape) != (k,):
+            raise ValueError(f"weight must have shape ({k},) (one per class), got {tuple(weight.shape)}")
+        if _adapters.is_torch(weight):
+            _adapters.check_torch_weight(weight)
+    if where is not None:
+        if where.dtype != xp.bool:
+            raise TypeError(f"where must be a boolean array, got dtype {where.dtype}")
+        if tuple(where.shape) != positions:
+            raise ValueError(f"where must have the shape of the target positions {positions}, got {tuple(where.shape)}")
 
 
 def _check_indices(xp, target, k, ignore_index, where):
@@ -259,36 +264,11 @@ def validate_linear(
 
     eps, z_loss, softcap = _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "V")
 
-    if weight is not None:
-        if not xp.isdtype(weight.dtype, "real floating"):
-            raise TypeError(f"weight must have a real floating dtype, got {weight.dtype}")
-        if tuple(weight.shape) != (k,):
-            raise ValueError(f"weight must have shape ({k},) (one per class), got {tuple(weight.shape)}")
-        if _adapters.is_torch(weight):
-            _adapters.check_torch_weight(weight)
-    if where is not None:
-        if where.dtype != xp.bool:
-            raise TypeError(f"where must be a boolean array, got dtype {where.dtype}")
-        if tuple(where.shape) != positions:
-            raise ValueError(f"where must have the shape of the target positions {positions}, got {tuple(where.shape)}")
+    _check_weight_where(xp, weight, where, k, positions)
 
-    if not any(_adapters.is_traced(a) for a in (target, where) if a is not None):
-        bad = (target < 0) | (target >= k)
-        if ignore_index is not None:
-            info = xp.iinfo(target.dtype)
-            if info.min <= ignore_index <= info.max:
-                bad = bad & (target != ignore_index)
-        if where is not None:
-            bad = bad & where
-        bad = xp.any(bad)
-        if not _adapters.is_traced(bad) and bool(bad):  # concrete arrays still trace inside jax.jit
-            raise ValueError(
-                f"target holds class indices outside [0, {k}) that are neither ignore_index ({ignore_index}) nor masked by where"
-            )
+    ignore_index = _check_indices(xp, target, k, ignore_index, where)
 
-    n = 1
-    for s in positions:
-        n *= s
+    n = math.prod(positions)
     if chunk_size is None:
         itemsize = 8 if _math.compute_dtype(xp, hidden.dtype) == xp.float64 else 4
         chunk = _linear.default_chunk_size(n, k, itemsize)
