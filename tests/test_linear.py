@@ -354,6 +354,131 @@ def test_jax_partial_argnums():
     xp_assert_close(g, ref_dw, rtol=1e-11, atol=1e-14)
 
 
+# --------------------------------------------------------------------------- return_lse
+# The reference is cross_entropy(h W^T + b, return_lse=True) on the materialised logits, whose lse is
+# itself checked against torch.logsumexp and jax.nn.logsumexp in test_core.py.  The objective mixes the loss
+# and the lse, c * loss + <d, lse>, so both cotangents reach the backward; "lse only" and "loss only" check
+# that an unused output contributes nothing (torch: None cotangent, JAX: symbolic zero).
+
+LSE_KW = dict(label_smoothing=0.1, smoothing="exclusive", z_loss=0.02, softcap=2.5)
+LSE_MIX = {"both": (1.3, 1.0), "lse only": (0.0, 1.0), "loss only": (1.3, 0.0)}
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("name", [p.values[0] for p in backend_params()])
+def test_return_lse_values_equal_materialised(name, reduction):
+    b = Backend(name)
+    hidden, classifier, bias, target, weight, where = _problem(21)
+    hidden[5] = 0.0  # a row of equal logits: lse = log V (with bias 0) is not special-cased
+    kw = dict(LSE_KW, weight=b.asarray(weight), where=b.asarray(where))
+    args = (b.asarray(hidden), b.asarray(classifier), b.asarray(target))
+    got, lse = xlsce.linear_cross_entropy(
+        *args, bias=b.asarray(bias), chunk_size=5, reduction=reduction, return_lse=True, **kw
+    )
+    z = hidden @ classifier.T + bias
+    want, want_lse = xlsce.cross_entropy(z, target, reduction=reduction, return_lse=True, **dict(
+        LSE_KW, weight=weight, where=where))  # fmt: skip
+    assert tuple(lse.shape) == target.shape and lse.dtype == args[0].dtype
+    xp_assert_close(got, want, rtol=1e-12, atol=1e-13)
+    xp_assert_close(lse, want_lse, rtol=1e-12, atol=1e-13)
+    # the lse is that of the capped logits at every position, ignored and masked ones included
+    capped = 2.5 * np.tanh(z / 2.5)
+    xp_assert_close(lse, np.log(np.exp(capped).sum(-1)), rtol=1e-12)
+    # return_lse does not change the loss
+    plain = xlsce.linear_cross_entropy(*args, bias=b.asarray(bias), chunk_size=5, reduction=reduction, **kw)
+    xp_assert_close(got, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mix", LSE_MIX)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_torch_return_lse_gradients(reduction, mix):
+    torch = pytest.importorskip("torch")
+    c, d_scale = LSE_MIX[mix]
+    hidden, classifier, bias, target, weight, where = _problem(22)
+    kw = dict(LSE_KW, weight=torch.from_numpy(weight), where=torch.from_numpy(where))
+    t = torch.from_numpy(target)
+    rng = np.random.default_rng(23)
+    d = torch.from_numpy(d_scale * rng.normal(size=N))
+    cot = torch.from_numpy(rng.normal(size=N)) if reduction == "none" else torch.tensor(1.0)
+
+    def run(fn):
+        xs = [torch.tensor(a, requires_grad=True) for a in (hidden, classifier, bias)]
+        loss, lse = fn(*xs)
+        terms = ([c * (loss * cot).sum()] if c else []) + ([(d * lse).sum()] if d_scale else [])
+        return loss, lse, torch.autograd.grad(sum(terms), xs)
+
+    got = run(
+        lambda h, w, b: xlsce.linear_cross_entropy(
+            h, w, t, bias=b, chunk_size=7, reduction=reduction, return_lse=True, **kw
+        )
+    )
+    want = run(lambda h, w, b: xlsce.cross_entropy(h @ w.T + b, t, reduction=reduction, return_lse=True, **kw))
+    xp_assert_close(got[0], want[0], rtol=1e-12, atol=1e-13)
+    xp_assert_close(got[1], want[1], rtol=1e-12, atol=1e-13)
+    for a, e in zip(got[2], want[2], strict=True):
+        xp_assert_close(a, e, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("mix", LSE_MIX)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_jax_return_lse_gradients_under_jit(reduction, mix):
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    c, d_scale = LSE_MIX[mix]
+    hidden, classifier, bias, target, weight, where = _problem(24)
+    kw = dict(LSE_KW, weight=jnp.asarray(weight))
+    rng = np.random.default_rng(25)
+    d = d_scale * rng.normal(size=N)
+    cot = rng.normal(size=N) if reduction == "none" else 1.0
+
+    def total(fn):
+        def f(h, w, b, t, m):
+            loss, lse = fn(h, w, b, t, m)
+            return c * jnp.sum(loss * cot) + jnp.vdot(d, lse), (loss, lse)
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+
+    ours = total(
+        lambda h, w, b, t, m: xlsce.linear_cross_entropy(
+            h, w, t, bias=b, where=m, chunk_size=5, reduction=reduction, return_lse=True, **kw
+        )
+    )
+    mat = total(
+        lambda h, w, b, t, m: xlsce.cross_entropy(h @ w.T + b, t, where=m, reduction=reduction, return_lse=True, **kw)
+    )
+    args = (hidden, classifier, bias, jnp.asarray(target), jnp.asarray(where))
+    got_g, got = ours(*args)
+    want_g, want = mat(*args)
+    for a, e in zip((*got, *got_g), (*want, *want_g), strict=True):
+        xp_assert_close(a, e, rtol=1e-11, atol=1e-13)
+
+
+def test_torch_compile_return_lse():
+    torch = pytest.importorskip("torch")
+    hidden, classifier, bias, target, _, _ = _problem(26)
+    t = torch.from_numpy(target)
+    d = torch.from_numpy(np.random.default_rng(27).normal(size=N))
+
+    def step(fn):
+        def f(h, w, b):
+            loss, lse = fn(h, w, b)
+            return loss, lse, torch.autograd.grad(loss + (d * lse).sum(), (h, w, b))
+
+        return f
+
+    def ours(h, w, b):
+        return xlsce.linear_cross_entropy(h, w, t, bias=b, chunk_size=8, z_loss=0.01, return_lse=True)
+
+    def mat(h, w, b):
+        return xlsce.cross_entropy(h @ w.T + b, t, z_loss=0.01, return_lse=True)
+
+    xs = [torch.tensor(a, requires_grad=True) for a in (hidden, classifier, bias)]
+    got = torch.compile(step(ours))(*xs)
+    want = step(mat)(*xs)
+    for a, e in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2]), strict=True):
+        xp_assert_close(a, e, rtol=1e-11, atol=1e-13)
+
+
 # --------------------------------------------------------------------------- edges and validation
 
 
@@ -404,6 +529,7 @@ def test_default_chunk_size_rule():
         (dict(reduction="avg"), ValueError, "reduction"),
         (dict(softcap=0.0), ValueError, "softcap"),
         (dict(z_loss=-1.0), ValueError, "z_loss"),
+        (dict(return_lse=1), TypeError, "return_lse must be a bool"),
     ],
 )
 def test_validation(change, error, match):

@@ -132,11 +132,7 @@ def cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
     )
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    if return_lse:
-        cfg = cfg._replace(return_lse=True)
-    return _adapters.loss(xp, cfg, logits, target, weight, where)
+    return _adapters.loss(xp, _checks.with_lse(cfg, return_lse), logits, target, weight, where)
 
 
 def value_and_grad(
@@ -228,6 +224,7 @@ def linear_cross_entropy(
     reduction="mean",
     z_loss=0.0,
     softcap=None,
+    return_lse=False,
 ):
     r"""Cross-entropy of a linear classifier, without ever building the full logits.
 
@@ -263,10 +260,17 @@ def linear_cross_entropy(
         positions split into ``ceil(N / C_max)`` chunks of equal size.
       label_smoothing, smoothing, weight, ignore_index, where, reduction, z_loss, softcap: as in
         :func:`cross_entropy` (the class axis is the last one).
+      return_lse: also return the per-position log-sum-exp of the (capped) logits,
+        collected chunk by chunk, as :func:`cross_entropy` does (for logging the
+        z-loss ``z_loss * lse**2``).  It is differentiable; since the gradients
+        for "sum"/"mean" are accumulated during the forward pass for the loss
+        alone, a backward that receives a nonzero lse cotangent recomputes the
+        chunks (one more pass; a detached or unused lse costs nothing).
 
     Returns:
       The loss, in the dtype of ``hidden``: a scalar for ``"sum"``/``"mean"``,
-      ``hidden.shape[:-1]`` for ``"none"``.
+      ``hidden.shape[:-1]`` for ``"none"``; with ``return_lse=True`` the pair
+      ``(loss, lse)``, ``lse`` of shape ``hidden.shape[:-1]``.
 
     Example:
       >>> import numpy as np
@@ -299,6 +303,7 @@ def linear_cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
     )
+    cfg = _checks.with_lse(cfg, return_lse)
     return _adapters.linear_loss(xp, cfg, chunk, hidden, classifier, bias, target, weight, where)
 
 

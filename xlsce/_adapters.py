@@ -230,7 +230,10 @@ def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None):
             joined.append(values[0])
         else:
             shapes = [next(p for p in part if hasattr(p, "shape") and p.ndim) for part in parts]
-            values = [v if hasattr(v, "shape") and v.ndim else xp.full(s.shape, v, dtype=s.dtype) for v, s in zip(values, shapes, strict=True)]
+            values = [
+                v if hasattr(v, "shape") and v.ndim else xp.full(s.shape, v, dtype=s.dtype)
+                for v, s in zip(values, shapes, strict=True)
+            ]
             joined.append(xp.concat(values, axis=0))
     return tuple(joined)
 
@@ -246,7 +249,7 @@ def loss(xp, cfg: _math.Config, logits, target, weight, where):
 
 
 def _reported_lse(xp, cfg, res, logits):
-    lse = xp.squeeze(res.lse_out, axis=cfg.axis)
+    lse = _math.reported_lse(xp, cfg, res)
     return lse if lse.dtype == logits.dtype else xp.astype(lse, logits.dtype)
 
 
@@ -391,9 +394,11 @@ def linear_value_and_grads(xp, cfg, chunk, hidden, classifier, bias, target, wei
         import torch
 
         with torch.no_grad():
-            out, (dh, dw, db) = _linear.value_and_grads(*args, chunk=chunk, need=need, cotangent=cotangent, loop=loop)
+            out, _, (dh, dw, db) = _linear.value_and_grads(
+                *args, chunk=chunk, need=need, cotangent=cotangent, loop=loop
+            )
     else:
-        out, (dh, dw, db) = _linear.value_and_grads(*args, chunk=chunk, need=need, cotangent=cotangent, loop=loop)
+        out, _, (dh, dw, db) = _linear.value_and_grads(*args, chunk=chunk, need=need, cotangent=cotangent, loop=loop)
     if cfg.reduction == "none":
         out = xp.reshape(out, shape)
     if dh is not None:
@@ -402,23 +407,38 @@ def linear_value_and_grads(xp, cfg, chunk, hidden, classifier, bias, target, wei
 
 
 def linear_loss(xp, cfg, chunk, hidden, classifier, bias, target, weight, where):
-    """The loss of linear_cross_entropy, differentiable with torch autograd and jax.grad."""
+    """The loss (and the reported lse) of linear_cross_entropy, differentiable with torch autograd and jax.grad."""
+    from . import _linear
+
     shape = tuple(target.shape)
     h, t, m = _flatten(xp, hidden, target, where)
-    args, nothing = (xp, cfg, chunk, h, classifier, bias, t, weight, m), (False, False, False)
+    args = (cfg, chunk, h, classifier, bias, t, weight, m)
     if is_torch(hidden):
         import torch
 
         tensors = (hidden, classifier, bias)
         if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
-            out = _torch_linear_function().apply(cfg, chunk, h, classifier, bias, t, weight, m)
+            out = _torch_linear_function().apply(*args)
         else:
-            out = linear_value_and_grads(*args, need=nothing)[0]
+            with torch.no_grad():
+                out = _linear_primal(xp, _torch_loop, *args)
     elif is_jax(hidden):
-        out = _jax_linear_function()(cfg, chunk, h, classifier, bias, t, weight, m)
+        out = _jax_linear_function()(*args)
     else:
-        out = linear_value_and_grads(*args, need=nothing)[0]
-    return xp.reshape(out, shape) if cfg.reduction == "none" else out
+        out = _linear_primal(xp, _linear.eager_loop, *args)
+    out, lse = out if cfg.return_lse else (out, None)
+    if cfg.reduction == "none":
+        out = xp.reshape(out, shape)
+    return (out, xp.reshape(lse, shape)) if cfg.return_lse else out
+
+
+def _linear_primal(xp, loop, cfg, chunk, hidden, classifier, bias, target, weight, where):
+    """The loss, or ``(loss, lse)`` with ``cfg.return_lse``, of flattened inputs; no gradient."""
+    from . import _linear
+
+    args = (xp, cfg, hidden, classifier, bias, target, weight, where)
+    out, lse, _ = _linear.value_and_grads(*args, chunk=chunk, need=(False, False, False), loop=loop)
+    return (out, lse) if cfg.return_lse else out
 
 
 def _flatten(xp, hidden, target, where):
@@ -458,35 +478,52 @@ def _torch_linear_function():
     from . import _linear
 
     class LinearCrossEntropyFunction(torch.autograd.Function):
-        """Sum/mean: gradients accumulated in the forward, scaled in the backward.  None: recomputed."""
+        """Sum/mean: gradients accumulated in the forward, scaled in the backward.  None: recomputed.
+
+        With ``cfg.return_lse`` the outputs are ``(loss, lse)``; a backward that
+        receives a cotangent for the lse recomputes the chunks (logging the lse
+        costs nothing; differentiating through it costs one more pass).
+        """
 
         @staticmethod
         def forward(ctx, cfg, chunk, hidden, classifier, bias, target, weight, where):
             need = (ctx.needs_input_grad[2], ctx.needs_input_grad[3], bias is not None and ctx.needs_input_grad[4])
             ctx.cfg, ctx.chunk, ctx.need = cfg, chunk, need
+            ctx.set_materialize_grads(False)
             args = (xpt, cfg, hidden, classifier, bias, target, weight, where)
+            inputs = (hidden, classifier, bias, target, weight, where)
             if cfg.reduction == "none":
-                out = _linear.value_and_grads(*args, chunk=chunk, need=(False, False, False), loop=_torch_loop)[0]
-                ctx.save_for_backward(hidden, classifier, bias, target, weight, where)
+                out, lse, _ = _linear.value_and_grads(*args, chunk=chunk, need=(False,) * 3, loop=_torch_loop)
+                ctx.save_for_backward(*inputs)
             else:
-                out, grads = _linear.value_and_grads(*args, chunk=chunk, need=need, loop=_torch_loop)
-                ctx.save_for_backward(*grads)
-            return out
+                out, lse, grads = _linear.value_and_grads(*args, chunk=chunk, need=need, loop=_torch_loop)
+                ctx.save_for_backward(*grads, *(inputs if cfg.return_lse else ()))
+            return (out, lse) if cfg.return_lse else out
 
         @staticmethod
-        def backward(ctx, g):
-            if ctx.cfg.reduction == "none":
-                hidden, classifier, bias, target, weight, where = ctx.saved_tensors
-                args = (xpt, ctx.cfg, hidden, classifier, bias, target, weight, where)
-                _, grads = _linear.value_and_grads(*args, chunk=ctx.chunk, need=ctx.need, cotangent=g, loop=_torch_loop)
+        def backward(ctx, g, g_lse=None):
+            cfg, saved = ctx.cfg, ctx.saved_tensors
+            if g is None and g_lse is None:
+                return (None,) * 8
+            if cfg.reduction == "none" or g_lse is not None:
+                hidden, classifier, bias, target, weight, where = saved[-6:]
+                if g is None:
+                    g = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+                    g = g.expand(target.shape) if cfg.reduction == "none" else g
+                args = (xpt, cfg, hidden, classifier, bias, target, weight, where)
+                _, _, grads = _linear.value_and_grads(
+                    *args, chunk=ctx.chunk, need=ctx.need, cotangent=g, cotangent_lse=g_lse, loop=_torch_loop
+                )
+            elif g is None:
+                grads = (None, None, None)
             else:
-                grads = tuple(None if x is None else (g * x).to(x.dtype) for x in ctx.saved_tensors)
+                grads = tuple(None if x is None else (g * x).to(x.dtype) for x in saved[:3])
             return None, None, *grads, None, None, None
 
     return LinearCrossEntropyFunction
 
 
-def _jax_scan_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weight, where, g):
+def _jax_scan_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse=None):
     """The chunk loop as one ``lax.scan``: the last chunk is padded and masked with ``where``."""
     import jax
     import jax.numpy as jnp
@@ -503,6 +540,7 @@ def _jax_scan_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weigh
         jnp.pad(target, (0, pad)).reshape(count, chunk),
         jnp.pad(valid, (0, pad)).reshape(count, chunk),
         jnp.pad(g, (0, pad)).reshape(count, chunk) if cfg.reduction == "none" else None,
+        None if g_lse is None else jnp.pad(g_lse, (0, pad)).reshape(count, chunk),
     )
     v = classifier.shape[0]
     init = (
@@ -513,17 +551,19 @@ def _jax_scan_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weigh
 
     def body(carry, x):
         total, dw, db = carry
-        h, t, m, gk = x
+        h, t, m, gk, gl = x
         gk = g if gk is None else gk
-        loss, dh, dw, db = _linear.chunk_step(jnp, cfg, h, classifier, bias, t, weight, m, gk, need, (dw, db))
+        step = _linear.chunk_step(jnp, cfg, h, classifier, bias, t, weight, m, gk, need, (dw, db), g_lse=gl)
+        loss, lse, dh, dw, db = step
         if cfg.reduction == "none":
-            return (total, dw, db), (loss, dh)
-        return (total + loss, dw, db), (None, dh)
+            return (total, dw, db), (loss, lse, dh)
+        return (total + loss, dw, db), (None, lse, dh)
 
-    (total, dw, db), (losses, dhs) = jax.lax.scan(body, init, xs)
+    (total, dw, db), (losses, lses, dhs) = jax.lax.scan(body, init, xs)
     out = losses.reshape(count * chunk)[:n] if cfg.reduction == "none" else total
+    lse = None if lses is None else lses.reshape(count * chunk)[:n]
     dh = None if dhs is None else dhs.reshape(count * chunk, width)[:n]
-    return out, dh, dw, db
+    return out, lse, dh, dw, db
 
 
 @_once
@@ -534,39 +574,45 @@ def _jax_linear_function():
 
     from . import _linear
 
-    none = (False, False, False)
-
     def primal(cfg, chunk, hidden, classifier, bias, target, weight, where):
-        args = (jnp, cfg, hidden, classifier, bias, target, weight, where)
-        return _linear.value_and_grads(*args, chunk=chunk, need=none, loop=_jax_scan_loop)[0]
+        return _linear_primal(jnp, _jax_scan_loop, cfg, chunk, hidden, classifier, bias, target, weight, where)
 
     fn = jax.custom_vjp(primal, nondiff_argnums=(0, 1))
 
     def fwd(cfg, chunk, hidden, classifier, bias, target, weight, where):
+        """Residuals ``(inputs, flags, grads)``: the inputs where the backward may recompute ("none", or
+        a differentiated lse), the gradients accumulated in the forward for "sum"/"mean"."""
         if weight is not None and weight.perturbed:
             raise TypeError("weight must not be differentiated: xlsce provides no gradient for class weights")
         need = (hidden.perturbed, classifier.perturbed, bias is not None and bias.perturbed)
         hidden, classifier, target = hidden.value, classifier.value, target.value
         bias, weight, where = (None if x is None else x.value for x in (bias, weight, where))
         args = (jnp, cfg, hidden, classifier, bias, target, weight, where)
-        if cfg.reduction == "none":
-            out = _linear.value_and_grads(*args, chunk=chunk, need=none, loop=_jax_scan_loop)[0]
-            # `need` travels in the residuals' structure (None = not needed): residuals must be arrays.
-            flags = tuple(jnp.zeros((0,)) if f else None for f in need)
-            return out, (args[2:], flags)
-        out, grads = _linear.value_and_grads(*args, chunk=chunk, need=need, loop=_jax_scan_loop)
-        return out, (None, grads)
+        forward_need = (False,) * 3 if cfg.reduction == "none" else need
+        out, lse, grads = _linear.value_and_grads(*args, chunk=chunk, need=forward_need, loop=_jax_scan_loop)
+        inputs = args[2:] if cfg.reduction == "none" or cfg.return_lse else None
+        # `need` travels in the residuals' structure (None = not needed): residuals must be arrays.
+        flags = tuple(jnp.zeros((0,)) if f else None for f in need)
+        grads = None if cfg.reduction == "none" else grads
+        return ((out, lse) if cfg.return_lse else out), (inputs, flags, grads)
 
     def bwd(cfg, chunk, saved, g):
-        inputs, rest = saved
+        inputs, flags, grads = saved
+        g, g_lse = g if cfg.return_lse else (g, None)
+        if isinstance(g_lse, SymbolicZero):
+            g_lse = None
         if isinstance(g, SymbolicZero):
-            g = jnp.zeros(g.shape, g.dtype)
-        if inputs is not None:
-            need = tuple(f is not None for f in rest)
+            g = None if grads is not None and g_lse is None else jnp.zeros(g.shape, g.dtype)
+        if g is None:  # neither output is differentiated
+            return (None,) * 6
+        if grads is None or g_lse is not None:
+            need = tuple(f is not None for f in flags)
             args = (jnp, cfg, *inputs)
-            _, grads = _linear.value_and_grads(*args, chunk=chunk, need=need, cotangent=g, loop=_jax_scan_loop)
+            _, _, grads = _linear.value_and_grads(
+                *args, chunk=chunk, need=need, cotangent=g, cotangent_lse=g_lse, loop=_jax_scan_loop
+            )
         else:
-            grads = tuple(None if x is None else (g * x).astype(x.dtype) for x in rest)
+            grads = tuple(None if x is None else (g * x).astype(x.dtype) for x in grads)
         return (*grads, None, None, None)
 
     fn.defvjp(fwd, bwd, symbolic_zeros=True)

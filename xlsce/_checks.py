@@ -58,6 +58,13 @@ def _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_ind
     return eps, z_loss, softcap
 
 
+def with_lse(cfg, return_lse):
+    """``cfg`` asking for the reported log-sum-exp when ``return_lse`` (a bool) is True."""
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    return cfg._replace(return_lse=True) if return_lse else cfg
+
+
 def validate(
     logits,
     target,

@@ -66,15 +66,17 @@ def denominator(xp, cfg, target, weight, where, dt):
     return xp.sum(w_y)
 
 
-def chunk_step(xp, cfg, h, classifier, bias, target, weight, where, g, need, acc=(None, None), addmm=None):
+def chunk_step(xp, cfg, h, classifier, bias, target, weight, where, g, need, acc=(None, None), addmm=None, g_lse=None):
     """Loss of one chunk of rows and, for ``need = (dh, dW, db)``, its gradients for cotangent ``g``.
 
     ``cfg`` is a :func:`chunk_config` (reduction "sum" or "none", axis 1).
     ``acc = (dW, db)`` are the accumulators of the previous chunks (None at the
     first; updated in place where the library allows).  ``addmm(acc, a, b)``,
     if given, returns ``acc + a @ b`` (a backend's fused, in-place product; acc
-    may be None).  Returns ``(loss, dh, dW, db)``: the loss and the accumulators
-    in the compute dtype, dh in the inputs' dtype; entries not needed are None.
+    may be None).  ``g_lse`` (the chunk's rows, optional) is the cotangent of
+    the reported log-sum-exp.  Returns ``(loss, lse, dh, dW, db)``: the loss,
+    the lse (None unless ``cfg.return_lse``) and the accumulators in the compute
+    dtype, dh in the inputs' dtype; entries not needed are None.
     """
     in_dt = h.dtype
     dt = _math.compute_dtype(xp, in_dt)
@@ -84,10 +86,11 @@ def chunk_step(xp, cfg, h, classifier, bias, target, weight, where, g, need, acc
     if z.dtype != dt:
         z = xp.astype(z, dt)
     loss, res = _math.forward(xp, cfg, z, target, weight, where)
+    lse = _math.reported_lse(xp, cfg, res) if cfg.return_lse else None
     dw, db = acc
     if not any(need):
-        return loss, None, dw, db
-    dz, _ = _math.backward(xp, cfg, z, target, weight, res, g)
+        return loss, lse, None, dw, db
+    dz, _ = _math.backward(xp, cfg, z, target, weight, res, g, g_lse=g_lse)
     del z, res
     if need[2]:
         db = _add(db, xp.sum(dz, axis=0))
@@ -100,7 +103,7 @@ def chunk_step(xp, cfg, h, classifier, bias, target, weight, where, g, need, acc
         else:
             p = dz.T @ h
             dw = _add(dw, p if p.dtype == dt else xp.astype(p, dt))
-    return loss, dh, dw, db
+    return loss, lse, dh, dw, db
 
 
 def _add(acc, x):
@@ -111,30 +114,35 @@ def _add(acc, x):
     return acc
 
 
-def eager_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weight, where, g, addmm=None):
-    """Python loop over chunks.  Returns ``(total or per-position loss, dh, dW, db)``."""
+def eager_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse=None, addmm=None):
+    """Python loop over chunks.  Returns ``(total or per-position loss, lse or None, dh, dW, db)``."""
     n, width = hidden.shape
     v = classifier.shape[0]
     dt = _math.compute_dtype(xp, hidden.dtype)
     dev = _device(hidden)
-    losses, dhs, dw, db, total = [], [], None, None, None
+    losses, lses, dhs, dw, db, total = [], [], [], None, None, None
     for start in range(0, n, chunk):
         s = slice(start, min(start + chunk, n))
         gs = g[s] if cfg.reduction == "none" else g
         m = None if where is None else where[s]
-        loss, dh, dw, db = chunk_step(
-            xp, cfg, hidden[s, :], classifier, bias, target[s], weight, m, gs, need, (dw, db), addmm
+        gl = None if g_lse is None else g_lse[s]
+        loss, lse, dh, dw, db = chunk_step(
+            xp, cfg, hidden[s, :], classifier, bias, target[s], weight, m, gs, need, (dw, db), addmm, gl
         )
         if cfg.reduction == "none":
             losses.append(loss)
         else:
             total = _add(total, loss)
+        if lse is not None:
+            lses.append(lse)
         if dh is not None:
             dhs.append(dh)
+    empty = xp.zeros((0,), dtype=dt, device=dev)
     if cfg.reduction == "none":
-        out = xp.concat(losses, axis=0) if losses else xp.zeros((0,), dtype=dt, device=dev)
+        out = xp.concat(losses, axis=0) if losses else empty
     else:
         out = xp.zeros((), dtype=dt, device=dev) if total is None else total
+    lse = (xp.concat(lses, axis=0) if lses else empty) if cfg.return_lse else None
     if need[0]:
         dh = xp.concat(dhs, axis=0) if dhs else xp.zeros((0, width), dtype=hidden.dtype, device=dev)
     else:
@@ -143,17 +151,32 @@ def eager_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weight, w
         dw = xp.zeros((v, width), dtype=dt, device=dev)
     if need[2] and db is None:
         db = xp.zeros((v,), dtype=dt, device=dev)
-    return out, dh, dw, db
+    return out, lse, dh, dw, db
 
 
 def value_and_grads(
-    xp, cfg, hidden, classifier, bias, target, weight, where, *, chunk, need, cotangent=None, loop=eager_loop
+    xp,
+    cfg,
+    hidden,
+    classifier,
+    bias,
+    target,
+    weight,
+    where,
+    *,
+    chunk,
+    need,
+    cotangent=None,
+    cotangent_lse=None,
+    loop=eager_loop,
 ):
-    """Loss of the flattened problem and its gradients ``(dh, dW, db)`` for the cotangent.
+    """Loss of the flattened problem, its lse and the gradients ``(dh, dW, db)`` for the cotangents.
 
     ``hidden`` is (N, H), ``classifier`` (V, H), ``bias`` (V,) or None, ``target``
-    and ``where`` (N,).  ``cotangent`` defaults to 1 (ones for "none").  Gradients
-    not in ``need`` are None; the others come back in their input's dtype.
+    and ``where`` (N,).  ``cotangent`` defaults to 1 (ones for "none");
+    ``cotangent_lse`` (N,), that of the reported lse, to none.  Returns
+    ``(loss, lse, grads)``: ``lse`` (N,) is None unless ``cfg.return_lse``;
+    gradients not in ``need`` are None, the others come back in their input's dtype.
     """
     dt = _math.compute_dtype(xp, hidden.dtype)
     dev = _device(hidden)
@@ -167,13 +190,16 @@ def value_and_grads(
             empty = d == 0
             d = xp.where(empty, 1.0, d)
             g = xp.where(empty, 0.0, g / d)
-    out, dh, dw, db = loop(xp, ccfg, chunk, need, hidden, classifier, bias, target, weight, where, g)
+    g_lse = None if cotangent_lse is None else xp.astype(cotangent_lse, dt)
+    out, lse, dh, dw, db = loop(xp, ccfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse)
     if cfg.reduction == "mean":
         out = xp.where(empty, 0.0, out / d)
     if out.dtype != hidden.dtype:
         out = xp.astype(out, hidden.dtype)
+    if lse is not None and lse.dtype != hidden.dtype:
+        lse = xp.astype(lse, hidden.dtype)
     if dw is not None and dw.dtype != classifier.dtype:
         dw = xp.astype(dw, classifier.dtype)
     if db is not None and db.dtype != bias.dtype:
         db = xp.astype(db, bias.dtype)
-    return out, (dh, dw, db)
+    return out, lse, (dh, dw, db)

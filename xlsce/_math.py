@@ -294,6 +294,11 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv):
     return loss, lse, coef, a_res, b, masked, lse_out
 
 
+def reported_lse(xp, cfg: Config, res: Residuals):
+    """The log-sum-exp reported by ``return_lse``, of the positions' shape (compute dtype)."""
+    return xp.squeeze(res.lse_out, axis=cfg.axis)
+
+
 def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_target=False, g_lse=None):
     """Gradient of the loss with respect to the logits (and the soft target).
 
