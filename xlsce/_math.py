@@ -118,12 +118,18 @@ def _times(xp, c, x):
     return c * xp.where(c == 0, 0.0, x)
 
 
-def forward(xp, cfg: Config, logits, target, weight=None, where=None):
+def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None):
     """Loss (reduced as ``cfg.reduction``) and the residuals for :func:`backward`.
 
     The per-position terms are independent, so eager NumPy and PyTorch evaluate
     them on blocks of positions that stay in cache (``_ops.by_blocks``); the
     reduction then needs only per-position values.
+
+    With ``g``, the cotangent (eager NumPy and PyTorch only: the fused path of
+    ``value_and_grad``), the gradient is computed in the same pass, from the
+    exponentials the loss needs, and returned third: ``(loss, residuals, dlogits)``.
+    The reduction's factor is known before the pass (the "mean" denominator
+    comes from the targets), so nothing is recomputed.
     """
     ax = cfg.axis
     dt = compute_dtype(xp, logits.dtype)
@@ -134,49 +140,80 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None):
         y = xp.expand_dims(target if valid is None else xp.where(valid, target, 0), axis=ax)
     if valid is not None:
         valid = xp.expand_dims(valid, axis=ax)
+    scale, d = _reduction_factor(xp, cfg, logits, valid, y, wv, dt)
 
-    def terms(logits, target, y):
-        return _position_terms(xp, cfg, logits, target, y, wv)
+    if g is None:
 
-    loss, lse, coef, a_res, b, masked, lse_out = _ops.by_blocks(
-        xp, terms, (logits, target if cfg.soft else None, y), blocked=ax != 0
-    )
+        def terms(logits, target, y):
+            return _position_terms(xp, cfg, logits, target, y, wv)
+
+        blocks, out_dtype = (logits, target if cfg.soft else None, y), None
+    else:
+        g = _cotangent(xp, cfg, g, dt)
+        gs = g * scale if isinstance(scale, float) or not isinstance(g, float) or g != 1 else scale
+
+        def terms(logits, target, y, gs, out=None):
+            return _position_terms(xp, cfg, logits, target, y, wv, gs, out)
+
+        blocks, out_dtype = (logits, target if cfg.soft else None, y, gs), logits.dtype
+    parts = _ops.by_blocks(xp, terms, blocks, blocked=ax != 0, out_dtype=out_dtype, first_is_block=g is not None)
+    dz, (loss, lse, coef, a_res, b, masked, lse_out) = (parts[0], parts[1:]) if g is not None else (None, parts)
 
     # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf).
-    vm = 1.0 if valid is None else xp.astype(valid, dt)
     if valid is not None:
         loss = xp.where(valid, loss, 0.0)
     if cfg.reduction == "none":
-        scale = vm
         out = xp.squeeze(loss, axis=ax)
-    elif cfg.reduction == "sum":
-        scale = vm
+    elif cfg.reduction == "sum" or (isinstance(d, float) and d == 1):
         out = xp.sum(loss)
-    elif valid is None and (cfg.soft or wv is None):  # every position counts once
-        n = math.prod(lse.shape)
-        out, scale = (xp.mean(loss), 1.0 / n) if n else (xp.sum(loss), 0.0)  # a mean over nothing is 0
+    elif isinstance(d, float):  # a mean over nothing decided in Python
+        out = xp.sum(loss) / d if d != 0 else xp.zeros((), dtype=dt, device=_ops.device(loss))
     else:
-        out = xp.sum(loss)
-        if cfg.soft or wv is None:
-            d = xp.sum(vm)
-        else:
-            d = xp.sum(vm * xp.reshape(xp.take(wv, xp.reshape(y, (-1,)), axis=0), y.shape))
-        if _ops.can_branch(d):
-            d = float(d)
-        if isinstance(d, float):  # a mean over nothing decided in Python
-            out, scale = (out / d, vm / d) if d != 0 else (xp.zeros_like(out), 0.0)
-        else:
-            nothing = d == 0
-            d = xp.where(nothing, 1.0, d)
-            out = xp.where(nothing, 0.0, out / d)
-            scale = xp.where(nothing, 0.0, vm / d)
+        nothing = d == 0
+        out = xp.where(nothing, 0.0, xp.sum(loss) / xp.where(nothing, 1.0, d))
     if out.dtype != logits.dtype:
         out = xp.astype(out, logits.dtype)
-    return out, Residuals(lse, coef, a_res, b, scale, y, masked, lse_out)
+    res = Residuals(lse, coef, a_res, b, scale, y, masked, lse_out)
+    return (out, res) if g is None else (out, res, dz)
 
 
-def _position_terms(xp, cfg: Config, logits, target, y, wv):
+def _reduction_factor(xp, cfg: Config, logits, valid, y, wv, dt):
+    """``(scale, d)``: the factor of each position's loss in the reduced loss, and the mean's
+    denominator (1.0 for "none"/"sum"); from the targets alone, before any pass over the logits."""
+    vm = 1.0 if valid is None else xp.astype(valid, dt)
+    if cfg.reduction != "mean":
+        return vm, 1.0
+    if valid is None and (cfg.soft or wv is None):  # every position counts once
+        n = math.prod(s for i, s in enumerate(logits.shape) if i != cfg.axis)
+        return (1.0 / n, float(n)) if n else (0.0, 0.0)  # a mean over nothing is 0
+    if cfg.soft or wv is None:
+        d = xp.sum(vm)
+    else:
+        d = xp.sum(vm * xp.reshape(xp.take(wv, xp.reshape(y, (-1,)), axis=0), y.shape))
+    if _ops.can_branch(d):
+        d = float(d)
+    if isinstance(d, float):
+        return (vm / d if d != 0 else 0.0), d
+    nothing = d == 0
+    return xp.where(nothing, 0.0, vm / xp.where(nothing, 1.0, d)), d
+
+
+def _cotangent(xp, cfg: Config, g, dt):
+    """The cotangent as a Python number (0-d, readable) or an array that broadcasts against the residuals."""
+    g = _ops.number(g)  # a 0-d cotangent on the CPU: Python arithmetic, fewer array operations
+    g = xp.astype(g, dt, copy=False) if hasattr(g, "dtype") else g
+    if cfg.reduction == "none" and hasattr(g, "shape"):
+        g = xp.expand_dims(g, axis=cfg.axis)
+    return g
+
+
+def _position_terms(xp, cfg: Config, logits, target, y, wv, gs=None, out=None):
     """Per-position loss (keepdims) and residual terms for a block of positions.
+
+    With ``gs`` (the cotangent times the reduction's factor), the block's
+    gradient comes first, computed from the exponentials of the pass (the
+    buffer of the shifted logits becomes the gradient; ``out``, if given, is
+    that buffer: the block of the returned gradient, written in place).
 
     Passes over the data: max, shift (one buffer), the row sums the smoothing
     and soft targets need, exp in place, sum.  The handling of -inf logits
@@ -198,7 +235,7 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv):
     masked = not (eager and _ops.all_finite(xp, m))
     if masked:
         m = xp.where(m == -xp.inf, 0.0, m)  # a row of -inf only
-    zs = z - m  # shifted logits: a buffer of ours, exponentiated in place below
+    zs = _ops.subtract(xp, z, m, out)  # shifted logits: a buffer of ours, exponentiated in place below
     if not cfg.soft:
         z_y = _ops.take_at(xp, z, y, ax) - m
 
@@ -259,7 +296,8 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv):
         k_eff = float(z.shape[ax])
         s_w = k_eff if w is None else xp.sum(w)
 
-    s = xp.sum(_ops.exp_(xp, zs), axis=ax, keepdims=True)
+    zs = _ops.exp_(xp, zs)  # exp(z - m), in place where the library allows
+    s = xp.sum(zs, axis=ax, keepdims=True)
     if masked:
         empty = s == 0  # every logit -inf: lse = -inf, kept out of the arithmetic
         log_s = xp.log(xp.where(empty, 1.0, s))
@@ -291,7 +329,13 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv):
     lse_out = None
     if cfg.return_lse:
         lse_out = xp.where(empty, -xp.inf, lse) if masked else lse
-    return loss, lse, coef, a_res, b, masked, lse_out
+    if gs is None:
+        return loss, lse, coef, a_res, b, masked, lse_out
+    # zs holds exp(z - m); softmax = zs / s (rows of -inf only: zs = 0, s taken as 1)
+    alpha, beta, gamma = _scaled(gs, coef, b, a_res)
+    inv_s = 1.0 / (xp.where(empty, 1.0, s) if masked else s)
+    dz = _position_grad(xp, cfg, logits, target, y, wv, None, alpha, beta, gamma, masked, e=(zs, inv_s), z=z)
+    return dz, loss, lse, coef, a_res, b, masked, lse_out
 
 
 def reported_lse(xp, cfg: Config, res: Residuals):
@@ -312,19 +356,14 @@ def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_ta
     """
     ax = cfg.axis
     dt = compute_dtype(xp, logits.dtype)
-    g = _ops.number(g)  # a 0-d cotangent on the CPU: Python arithmetic, fewer array operations
-    g = xp.astype(g, dt, copy=False) if hasattr(g, "dtype") else g
-    if cfg.reduction == "none" and hasattr(g, "shape"):
-        g = xp.expand_dims(g, axis=ax)
+    g = _cotangent(xp, cfg, g, dt)
     wv = None if weight is None else xp.astype(weight, dt, copy=False)
-    # alpha, beta, gamma = g * scale * (coef, b, a), per position; Python numbers multiplied first
-    if isinstance(res.scale, float):
+    if isinstance(res.scale, float):  # Python numbers multiplied first
         alpha, beta, gamma = (
             g * (res.scale * v) if isinstance(v, float) else g * res.scale * v for v in (res.coef, res.b, res.a)
         )
     else:
-        c = g * res.scale
-        alpha, beta, gamma = c * res.coef, c * res.b, c * res.a
+        alpha, beta, gamma = _scaled(g * res.scale, res.coef, res.b, res.a)
     if g_lse is not None:
         alpha = alpha + xp.expand_dims(xp.astype(g_lse, dt, copy=False), axis=ax)
 
@@ -341,14 +380,26 @@ def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_ta
     return dz, dtarget
 
 
-def _position_grad(xp, cfg: Config, logits, target, y, wv, lse, alpha, beta, gamma, masked):
-    """alpha * softmax(z) - beta * w (on the classes in play) - gamma * (w * t or the one-hot), for a block."""
+def _scaled(c, coef, b, a):
+    """alpha, beta, gamma = c * (coef, b, a): the factors of softmax, of the smoothing mass and of the target."""
+    return c * coef, c * b, c * a
+
+
+def _position_grad(xp, cfg: Config, logits, target, y, wv, lse, alpha, beta, gamma, masked, e=None, z=None):
+    """alpha * softmax(z) - beta * w (on the classes in play) - gamma * (w * t or the one-hot), for a block.
+
+    ``e = (exp(z - m), 1 / s)``, if given, is the forward's buffer of exponentials (overwritten) and
+    the reciprocal of its row sums: softmax = exp(z - m) / s without a second exponential.
+    """
     ax = cfg.axis
-    z = capped_logits(xp, cfg, logits)
+    z = capped_logits(xp, cfg, logits) if z is None else z
     dt = z.dtype
     w = None if wv is None else _along(xp, wv, ax, z.ndim)
-    dz = _ops.exp_(xp, z - lse)  # softmax, in a buffer of ours
-    dz = _ops.imul(dz, alpha)
+    if e is None:
+        dz = _ops.exp_(xp, z - lse)  # softmax, in a buffer of ours
+        dz = _ops.imul(dz, alpha)
+    else:
+        dz = _ops.imul(e[0], alpha * e[1])
     if cfg.eps > 0:
         wf = w
         if masked:
