@@ -193,6 +193,31 @@ def test_torch_compile_fullgraph_forward_backward(compile_backend, kind, kw):
         xp_assert_close(e_loss, ref)
 
 
+FIRST_CALL_COMPILED = """
+import torch, xlsce
+z = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+h = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+y = torch.randint(0, 5, (8,))
+ce = torch.compile(lambda z: xlsce.cross_entropy(z, y, label_smoothing=0.1), fullgraph=True, backend="aot_eager")
+lin = torch.compile(lambda h, w: xlsce.linear_cross_entropy(h, w, y, chunk_size=3), fullgraph=True, backend="aot_eager")
+ce(z).backward()
+lin(h, w).backward()
+torch.testing.assert_close(z.grad, torch.autograd.grad(torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1), z)[0])
+print("ok")
+"""
+
+
+def test_torch_compile_fullgraph_as_the_first_call_of_a_process():
+    # The autograd.Function classes must exist before dynamo traces the call: a class statement in the traced
+    # region is unsupported under fullgraph=True.  A fresh process, since any earlier call in this one built them.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FIRST_CALL_COMPILED], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------- nn.Module drop-in
 
 MODULE_CASES = [

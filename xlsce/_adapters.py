@@ -215,7 +215,8 @@ BLOCK_ELEMENTS = 1 << 20  # positions x classes per block: 4 MiB of float32, cac
 def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None, first_is_block=False):
     """``fn(*arrays)`` evaluated on blocks of positions along axis 0, results joined.
 
-    Eager NumPy and PyTorch only (elsewhere one call on the whole arrays): every
+    Eager NumPy and PyTorch on the CPU only (elsewhere one call on the whole
+    arrays; on a GPU, blocks would only add launches and synchronisations): every
     temporary of ``fn`` is then block-sized, stays in cache and is recycled by the
     allocator instead of costing fresh pages.  ``arrays`` share axis 0 (None and
     Python numbers pass through); ``fn`` returns one array (written into a single
@@ -233,7 +234,7 @@ def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None, first_is_block=Fa
     def cast(out):
         return out if out_dtype is None or out.dtype == out_dtype else xp.astype(out, out_dtype)
 
-    if n <= rows or not (blocked and _inplace(x) and can_branch(x)):
+    if n <= rows or not (blocked and _inplace(x) and can_branch(x) and str(device(x)) == "cpu"):
         out = fn(*arrays)
         return (cast(out[0]), *out[1:]) if first_is_block else cast(out)
 
@@ -266,7 +267,7 @@ def _join(xp, parts):
         else:
             shapes = [next(p for p in part if hasattr(p, "shape") and p.ndim) for part in parts]
             values = [
-                v if hasattr(v, "shape") and v.ndim else xp.full(s.shape, v, dtype=s.dtype)
+                v if hasattr(v, "shape") and v.ndim else xp.full(s.shape, v, dtype=s.dtype, device=device(s))
                 for v, s in zip(values, shapes, strict=True)
             ]
             joined.append(xp.concat(values, axis=0))
@@ -276,7 +277,9 @@ def _join(xp, parts):
 def loss(xp, cfg: _math.Config, logits, target, weight, where):
     """The loss (and the reported log-sum-exp), differentiable with the backend's own machinery."""
     if is_torch(logits):
-        return _torch_function().apply(cfg, logits, target, weight, where)
+        from . import _torch_autograd  # a module, imported here: torch.compile runs an import, not a class statement
+
+        return _torch_autograd.CrossEntropyFunction.apply(cfg, logits, target, weight, where)
     if is_jax(logits):
         return _jax_function()(cfg, logits, target, weight, where)
     out, res = _math.forward(xp, cfg, logits, target, weight, where)
@@ -312,11 +315,11 @@ def _value_and_grad(xp, cfg, logits, target, weight, where, cotangent):
 # --------------------------------------------------------------------------- torch
 
 
-_built = {}  # a plain dict, not functools.cache: torch.compile reads it but would trace into a cache's function
+_built = {}  # a plain dict, not functools.cache (jax.custom_vjp functions, built on first use)
 
 
 def _once(make):
-    """``make()`` built on first use and kept in ``_built`` (the autograd classes import their framework)."""
+    """``make()`` built on first use and kept in ``_built`` (the JAX functions import their framework)."""
 
     def get():
         if make.__name__ not in _built:
@@ -324,36 +327,6 @@ def _once(make):
         return _built[make.__name__]
 
     return get
-
-
-@_once
-def _torch_function():
-    import torch
-    from array_api_compat import torch as xpt
-
-    class CrossEntropyFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, cfg, logits, target, weight, where):
-            out, res = _math.forward(xpt, cfg, logits, target, weight, where)
-            ctx.cfg = cfg
-            # Residuals are O(N) tensors or Python floats; save_for_backward takes tensors.
-            ctx.floats = [None if isinstance(r, torch.Tensor) else r for r in res]
-            tensors = [r if isinstance(r, torch.Tensor) else None for r in res]
-            ctx.save_for_backward(logits, target, weight, *tensors)
-            return (out, _reported_lse(xpt, cfg, res, logits)) if cfg.return_lse else out
-
-        @staticmethod
-        def backward(ctx, g, g_lse=None):
-            logits, target, weight, *tensors = ctx.saved_tensors
-            res = _math.Residuals(*(t if f is None else f for t, f in zip(tensors, ctx.floats, strict=True)))
-            dlogits, dtarget = _math.backward(
-                xpt, ctx.cfg, logits, target, weight, res, g, need_target=ctx.needs_input_grad[2], g_lse=g_lse
-            )
-            if dtarget is not None:
-                dtarget = dtarget.to(target.dtype)
-            return None, dlogits, dtarget, None, None
-
-    return CrossEntropyFunction
 
 
 def check_torch_weight(weight):
@@ -456,7 +429,9 @@ def linear_loss(xp, cfg, chunk, hidden, classifier, bias, target, weight, where)
 
         tensors = (hidden, classifier, bias)
         if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
-            out = _torch_linear_function().apply(*args)
+            from . import _torch_autograd
+
+            out = _torch_autograd.LinearCrossEntropyFunction.apply(*args)
         else:
             with torch.no_grad():
                 out = _linear_primal(xp, _torch_loop, *args)
@@ -506,59 +481,6 @@ def _torch_loop(*args):
     from . import _linear
 
     return _linear.eager_loop(*args, addmm=_torch_addmm)
-
-
-@_once
-def _torch_linear_function():
-    import torch
-    from array_api_compat import torch as xpt
-
-    from . import _linear
-
-    class LinearCrossEntropyFunction(torch.autograd.Function):
-        """Sum/mean: gradients accumulated in the forward, scaled in the backward.  None: recomputed.
-
-        With ``cfg.return_lse`` the outputs are ``(loss, lse)``; a backward that
-        receives a cotangent for the lse recomputes the chunks (logging the lse
-        costs nothing; differentiating through it costs one more pass).
-        """
-
-        @staticmethod
-        def forward(ctx, cfg, chunk, hidden, classifier, bias, target, weight, where):
-            need = (ctx.needs_input_grad[2], ctx.needs_input_grad[3], bias is not None and ctx.needs_input_grad[4])
-            ctx.cfg, ctx.chunk, ctx.need = cfg, chunk, need
-            ctx.set_materialize_grads(False)
-            args = (xpt, cfg, hidden, classifier, bias, target, weight, where)
-            inputs = (hidden, classifier, bias, target, weight, where)
-            if cfg.reduction == "none":
-                out, lse, _ = _linear.value_and_grads(*args, chunk=chunk, need=(False,) * 3, loop=_torch_loop)
-                ctx.save_for_backward(*inputs)
-            else:
-                out, lse, grads = _linear.value_and_grads(*args, chunk=chunk, need=need, loop=_torch_loop)
-                ctx.save_for_backward(*grads, *(inputs if cfg.return_lse else ()))
-            return (out, lse) if cfg.return_lse else out
-
-        @staticmethod
-        def backward(ctx, g, g_lse=None):
-            cfg, saved = ctx.cfg, ctx.saved_tensors
-            if g is None and g_lse is None:
-                return (None,) * 8
-            if cfg.reduction == "none" or g_lse is not None:
-                hidden, classifier, bias, target, weight, where = saved[-6:]
-                if g is None:
-                    g = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
-                    g = g.expand(target.shape) if cfg.reduction == "none" else g
-                args = (xpt, cfg, hidden, classifier, bias, target, weight, where)
-                _, _, grads = _linear.value_and_grads(
-                    *args, chunk=ctx.chunk, need=ctx.need, cotangent=g, cotangent_lse=g_lse, loop=_torch_loop
-                )
-            elif g is None:
-                grads = (None, None, None)
-            else:
-                grads = tuple(None if x is None else (g * x).to(x.dtype) for x in saved[:3])
-            return None, None, *grads, None, None, None
-
-    return LinearCrossEntropyFunction
 
 
 def _jax_scan_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse=None):
