@@ -7,7 +7,8 @@ forward+backward of xlsce and of ``F.cross_entropy``;
 ``xlsce.value_and_grad`` and of the hand-written NumPy reference.
 ``--ops`` instead times single passes over an (N, K) array (a reduction, a
 broadcast subtract, exp, in-place exp, where, ...): the price list from which
-a kernel's time can be estimated by counting its passes.
+a kernel's time can be estimated by counting its passes (``--backend jax``:
+jit-compiled row reductions, alone and fused with the work that follows them).
 Set ``$XLSCE_BENCH_SOURCE`` to profile another copy of xlsce.
 """
 
@@ -25,7 +26,7 @@ from .timing import measure
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
-    p.add_argument("--backend", choices=("torch", "numpy"), default="torch")
+    p.add_argument("--backend", choices=("torch", "numpy", "jax"), default="torch")
     p.add_argument("--shape", type=parse_shape, default=(4096, 32768))
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--variant", choices=("plain", "masked"), default="plain")
@@ -39,6 +40,8 @@ def main(argv=None):
     case = Case(*args.shape, args.dtype, args.variant)
     if args.ops:
         return price_list(args.backend, case)
+    if args.backend == "jax":
+        p.error("--backend jax takes --ops only (XLA's own profiler sees inside a jit-compiled call)")
     default = ["xlsce", "F.cross_entropy"] if args.backend == "torch" else ["xlsce", "handwritten"]
     arrays = to_backend(args.backend, case, *make_inputs(case))
     for name in args.impl or default:
@@ -106,10 +109,46 @@ def price_list(backend, case):
             "fancy-index -= (N values)": lambda: np.subtract.at(buf, (np.arange(z.shape[0]), y), 0.0),
             "matvec z @ w": lambda: z @ m[: z.shape[1], 0] if z.shape[0] >= z.shape[1] else z.sum(axis=1),
         }
+    if backend == "jax":
+        return _jax_price_list(case, z, y)
     print(f"single passes over {case.label} logits ({case.logits_bytes / 2**20:.0f} MiB), median ms:")
     for name, fn in ops.items():
         t = measure(fn, lambda out: out, runs=5, min_time=0.05)["median_s"]
         print(f"  {name:32s} {t * 1e3:9.2f}")
+
+
+def _jax_price_list(case, z, _):
+    """jit-compiled kernels: row reductions alone and with the per-row work that follows them.
+
+    XLA's CPU backend fuses a row reduction with what consumes its result; the
+    price of that fusion, against the reduction alone, is what these lines show.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    m = jnp.max(z, axis=1, keepdims=True)
+    lse = jax.nn.logsumexp(z, axis=1, keepdims=True)
+    ops = {
+        "max (read)": lambda z: jnp.max(z, axis=1, keepdims=True),
+        "sum (read)": lambda z: jnp.sum(z, axis=1, keepdims=True),
+        "sum(exp(z - max)) (read)": lambda z: jnp.sum(jnp.exp(z - jnp.max(z, axis=1, keepdims=True)), axis=1),
+        "log(sum(exp(z - max))) + max": lambda z: jnp.log(jnp.sum(jnp.exp(z - m), axis=1)) + m[:, 0],
+        "  same, max computed inside": lambda z: (lambda mm: jnp.log(jnp.sum(jnp.exp(z - mm), axis=1)) + mm[:, 0])(
+            jnp.max(z, axis=1, keepdims=True)
+        ),
+        "jax.nn.logsumexp": lambda z: jax.nn.logsumexp(z, axis=1),
+        "sum(z - z[:, :1]) and sum(exp)": lambda z: (
+            jnp.sum(z - z[:, :1], axis=1),
+            jnp.sum(jnp.exp(z - jnp.max(z, axis=1, keepdims=True)), axis=1),
+        ),
+        "exp(z - lse) (write new)": lambda z: jnp.exp(z - lse),
+        "z * 2 (write new)": lambda z: z * 2.0,
+    }
+    print(f"jit-compiled kernels over {case.label} logits ({case.logits_bytes / 2**20:.0f} MiB), median ms:")
+    for name, fn in ops.items():
+        f = jax.jit(fn)
+        t = measure(lambda f=f: f(z), jax.block_until_ready, runs=5, min_time=0.05)["median_s"]
+        print(f"  {name:34s} {t * 1e3:9.2f}")
 
 
 if __name__ == "__main__":
