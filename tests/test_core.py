@@ -147,6 +147,22 @@ def test_huge_logits_by_hand(backend):
         xp_assert_close(grad, np.array([[0.9, -0.8, -0.1]]), atol=1e-6)
 
 
+@pytest.mark.parametrize("offset, bound", [(0.0, 2e-7), (1e3, 2e-6), (1e4, 3e-5)])
+def test_jax_float32_smoothing_sum_precision(offset, bound):
+    # Under JAX the smoothing sum is taken over the unshifted logits (faster fusions on XLA's CPU backend),
+    # so float32 loses about K * 2**-24 * |z| there: the documented bound, relative to the loss, against
+    # float64.  Eager NumPy shifts by the row max first and stays at float32 rounding (~1e-7).
+    jax = pytest.importorskip("jax")
+    rng = np.random.default_rng(31)
+    z = (offset + rng.normal(size=(32, 32768))).astype(np.float32)
+    y = rng.integers(0, 32768, size=32)
+    want = xlsce.cross_entropy(z.astype(np.float64), y, label_smoothing=0.1, reduction="none")
+    got = jax.jit(lambda z, y: xlsce.cross_entropy(z, y, label_smoothing=0.1, reduction="none"))(z, y)
+    assert np.max(np.abs(np.asarray(got, dtype=np.float64) - want) / want) <= bound
+    eager = xlsce.cross_entropy(z, y, label_smoothing=0.1, reduction="none")
+    assert np.max(np.abs(eager.astype(np.float64) - want) / want) <= 2e-7
+
+
 @pytest.mark.parametrize(
     ("smoothing", "q_target", "q_other"),
     [("uniform", 0.95, 0.05), ("exclusive", 0.9, 0.1)],

@@ -291,6 +291,45 @@ def test_jax_grad_under_jit_equals_materialised(reduction):
         xp_assert_close(a, c, rtol=1e-11, atol=1e-13)
 
 
+def test_jax_half_precision_returns_input_dtype():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    hidden, classifier, bias, target, _, _ = _problem(28, ignore=False)
+    xs = [jnp.asarray(a, dtype=jnp.bfloat16) for a in (hidden, classifier, bias)]
+    t = jnp.asarray(target)
+
+    def f(h, w, b):
+        return xlsce.linear_cross_entropy(h, w, t, bias=b, chunk_size=5, label_smoothing=0.1)
+
+    loss, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*xs)
+    assert loss.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    # bf16 matmuls, fp32 softmax: compare with the float64 loss of the bf16-rounded inputs
+    r = [np.asarray(x, dtype=np.float64) for x in xs]
+    want, want_g = reference(r[0], r[1], r[2], target, dict(label_smoothing=0.1), "mean")
+    xp_assert_close(np.float64(loss), want, rtol=2e-2, atol=1e-2)
+    for a, c in zip(grads, want_g, strict=True):
+        xp_assert_close(np.asarray(a, dtype=np.float64), c, rtol=5e-2, atol=2e-2)
+
+
+def test_jax_vmap_over_problems():
+    # a batch of independent problems (one classifier each): vmap of the custom_vjp over the scan
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    problems = [_problem(29 + i) for i in range(3)]
+    h, w, b, t = (jnp.asarray(np.stack([p[i] for p in problems])) for i in range(4))
+    kw = dict(label_smoothing=0.1, smoothing="exclusive", z_loss=0.01)
+
+    def f(h, w, b, t):
+        return xlsce.linear_cross_entropy(h, w, t, bias=b, chunk_size=5, **kw)
+
+    losses, grads = jax.jit(jax.vmap(jax.value_and_grad(f, argnums=(0, 1, 2))))(h, w, b, t)
+    for i, p in enumerate(problems):
+        want, want_g = reference(p[0], p[1], p[2], p[3], kw, "mean")
+        xp_assert_close(losses[i], want, rtol=1e-12)
+        for a, c in zip(grads, want_g, strict=True):
+            xp_assert_close(a[i], c, rtol=1e-11, atol=1e-13)
+
+
 def test_jax_jit_with_closed_over_targets():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy

@@ -184,6 +184,24 @@ def cond_finite(xp, like, fast, general):
     return jax.lax.cond(ok, lambda: values, general)
 
 
+def row_sums(xp, terms, axis):
+    """``[sum(t, axis, keepdims) for t in terms]`` (arrays of one shape and dtype).
+
+    Under JAX one reduction of several operands: separate sums of terms that
+    share an intermediate make XLA's CPU backend materialise one (N, K) buffer
+    per term (reserved even in a ``lax.cond`` branch that is not taken).
+    """
+    if not is_jax(terms[0]):
+        return [xp.sum(t, axis=axis, keepdims=True) for t in terms]
+    import jax
+
+    zero = xp.zeros((), dtype=terms[0].dtype)
+    sums = jax.lax.reduce(
+        tuple(terms), (zero,) * len(terms), lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)), (axis,)
+    )
+    return [xp.expand_dims(s, axis=axis) for s in sums]
+
+
 def row_dot(xp, a, v, axis):
     """sum_c v_c a_c along ``axis`` (keepdims); ``v`` None means ones, or broadcasts against ``a``."""
     if v is None:
@@ -197,7 +215,7 @@ def row_dot(xp, a, v, axis):
 
 
 def _row_dot(xp, a, v, axis):
-    if axis == a.ndim - 1 and v.ndim == a.ndim and all(s == 1 for s in v.shape[:-1]) and _inplace(a):
+    if axis == a.ndim - 1 and v.ndim == a.ndim and all(s == 1 for s in v.shape[:-1]) and (_inplace(a) or is_jax(a)):
         v = xp.reshape(v, (-1,))
         if array_api_compat.is_numpy_array(a):
             # einsum's own loop: one pass, no temporary, and no BLAS call, whose thread start-up
