@@ -22,7 +22,7 @@ import pytest
 import xlsce
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-PAGES = sorted(p for p in DOCS.glob("*.md"))
+PAGES = sorted(p for p in DOCS.glob("*.md")) + [DOCS.parent / "README.md"]
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
@@ -45,6 +45,8 @@ def test_pages_have_examples():
     assert per_page["getting-started.md"] == 3  # NumPy, JAX, PyTorch
     assert per_page["what-it-computes.md"] >= 8
     assert per_page["migrating.md"] >= 6  # PyTorch (2), optax, Keras, fairseq, Megatron
+    assert per_page["large-vocabularies.md"] == 2
+    assert per_page["README.md"] == 4  # NumPy, JAX, PyTorch, linear_cross_entropy
     assert sum(per_page.values()) == len(BLOCKS)
 
 
