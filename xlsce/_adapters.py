@@ -107,6 +107,20 @@ def isub(a, b):
     return a - b
 
 
+def isub_product(a, u, v):
+    """a - u * v (u and v broadcast against ``a``), in place on xlsce's own buffer ``a`` where the
+    library allows; PyTorch without the temporary of the product."""
+    if is_torch(a):
+        import torch
+
+        if not isinstance(u, torch.Tensor):
+            return a.sub_(v, alpha=u)
+        if not isinstance(v, torch.Tensor):
+            return a.sub_(u, alpha=v)
+        return a.addcmul_(u, v, value=-1)
+    return isub(a, u * v)
+
+
 def isub_at(xp, a, index, v, axis):
     """``a`` minus ``v`` at ``index`` along ``axis`` (one index per position, keepdims)."""
     if array_api_compat.is_numpy_array(a):

@@ -406,7 +406,7 @@ def _position_grad(xp, cfg: Config, logits, target, y, wv, lse, alpha, beta, gam
         if masked:
             fin = z > -xp.inf
             wf = xp.astype(fin, dt) if w is None else xp.where(fin, w, 0.0)
-        dz = _ops.isub(dz, beta if wf is None else beta * wf)
+        dz = _ops.isub(dz, beta) if wf is None else _ops.isub_product(dz, beta, wf)
     if cfg.soft:
         t = xp.astype(target, dt, copy=False)
         dz = _ops.isub(dz, gamma * (t if w is None else w * t))
