@@ -411,6 +411,29 @@ def test_blocked_equals_whole(monkeypatch, name, kwargs):
         xp_assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_blocked_half_precision_value_and_grad(monkeypatch, weighted):
+    # bfloat16 logits, computed in float32 block by block: the fused value_and_grad writes each block's
+    # gradient into a bfloat16 output (a copy, not in place), and equals autograd's and the unblocked result.
+    torch = pytest.importorskip("torch")
+    import xlsce._adapters
+
+    rng = np.random.default_rng(32)
+    z = torch.from_numpy(rng.normal(scale=3, size=(10, 7))).to(torch.bfloat16)
+    y = torch.from_numpy(rng.integers(0, 7, size=10))
+    y[3] = -100
+    kw = dict(label_smoothing=0.1, weight=torch.from_numpy(rng.uniform(0.5, 2, size=7)).float() if weighted else None)
+    whole = xlsce.value_and_grad(z, y, **kw)
+    monkeypatch.setattr(xlsce._adapters, "BLOCK_ELEMENTS", 20)  # blocks of 2 rows of 7 classes
+    blocked = xlsce.value_and_grad(z, y, **kw)
+    zr = z.clone().requires_grad_()
+    loss = xlsce.cross_entropy(zr, y, **kw)
+    loss.backward()
+    assert blocked[1].dtype == torch.bfloat16 and blocked[0].dtype == torch.bfloat16
+    for got, want in ((blocked[0], whole[0]), (blocked[1], whole[1]), (blocked[1], zr.grad)):
+        xp_assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-3)
+
+
 def test_softcap_keeps_minus_inf_out_of_play(backend):
     # softcap maps 0 to 0, so (0, -inf, 0) must give exactly the uncapped result: log 2 and (0.5-0.95, 0, 0.5-0.05)
     z = backend.asarray(np.array([[0.0, -np.inf, 0.0]]))
