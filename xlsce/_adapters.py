@@ -12,6 +12,7 @@ Frameworks are imported lazily: importing xlsce imports neither torch nor jax.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import array_api_compat
@@ -233,7 +234,7 @@ def _row_dot(xp, a, v, axis):
         v = xp.reshape(v, (-1,))
         if array_api_compat.is_numpy_array(a):
             # einsum's own loop: one pass, no temporary, and no BLAS call, whose thread start-up
-            # costs more than the product on a cache-sized block (8 ms against 0.6 ms on 2 busy cores)
+            # cost more than the product on a cache-sized block on this project's busy 2-core machine
             import numpy as np
 
             return xp.expand_dims(np.einsum("...k,k->...", a, v), axis=axis)
@@ -347,20 +348,6 @@ def _value_and_grad(xp, cfg, logits, target, weight, where, cotangent):
 # --------------------------------------------------------------------------- torch
 
 
-_built = {}  # a plain dict, not functools.cache (jax.custom_vjp functions, built on first use)
-
-
-def _once(make):
-    """``make()`` built on first use and kept in ``_built`` (the JAX functions import their framework)."""
-
-    def get():
-        if make.__name__ not in _built:
-            _built[make.__name__] = make()
-        return _built[make.__name__]
-
-    return get
-
-
 def check_torch_weight(weight):
     """Gradients with respect to class weights are not provided: say so instead of returning 0."""
     import torch
@@ -372,7 +359,7 @@ def check_torch_weight(weight):
 # --------------------------------------------------------------------------- jax
 
 
-@_once
+@functools.cache  # built on first use: the JAX functions import their framework
 def _jax_function():
     import jax
     import jax.numpy as jnp
@@ -558,7 +545,7 @@ def _jax_scan_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weigh
     return out, lse, dh, dw, db
 
 
-@_once
+@functools.cache  # built on first use: the JAX functions import their framework
 def _jax_linear_function():
     import jax
     import jax.numpy as jnp

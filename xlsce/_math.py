@@ -244,8 +244,8 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, gs=None, out=None):
     smooth_sum = target_sum = None
     if not eager and (cfg.eps > 0 or cfg.soft):
         # Traced: the sums over all classes, of the logits themselves (a consumer of z of their own, so
-        # that XLA fuses them into one pass; any shift inside these sums makes XLA's CPU fusions 1.5-2x
-        # slower), then shifted by the row max.  The masked sums only where they come out non-finite,
+        # that XLA fuses them into one pass; every variant with the shift inside these sums was slower on
+        # XLA's CPU backend), then shifted by the row max.  The masked sums only where they come out non-finite,
         # i.e. where a logit is -inf (a lax.cond under jax.jit).  Unshifted, the smoothing sum
         # sum_c w_c z_c loses about K * 2**-24 * |z| in float32: relative 1e-6 to 1e-5 of the loss for
         # logits around 1e3 to 1e4, like optax's mean(z) (docs/what-it-computes.md).
