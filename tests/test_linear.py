@@ -383,6 +383,61 @@ def test_jax_traces_to_a_loop_not_copies():
     assert _count(many.jaxpr, "dot_general") == _count(few.jaxpr, "dot_general") <= 6
 
 
+@pytest.mark.parametrize("rows", [3, 4])  # dW in slices of rows: 3 divides V = 9, 4 leaves a tail of 1
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_jax_classifier_gradient_in_row_slices(monkeypatch, reduction, rows):
+    # the JAX loop accumulates dW a slice of CHUNK_BYTES at a time (a lax.fori_loop inside the scan)
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    monkeypatch.setattr(_linear, "CHUNK_BYTES", rows * H * 8)  # float64: `rows` rows of (V, H)
+    hidden, classifier, bias, target, weight, where = _problem(15)
+    kw = dict(label_smoothing=0.1, weight=weight, z_loss=0.01)
+    cot = np.random.default_rng(16).normal(size=N)
+
+    def f(h, w, b):
+        out = xlsce.linear_cross_entropy(
+            h, w, jnp.asarray(target), bias=b, chunk_size=5, reduction=reduction, **dict(kw, weight=jnp.asarray(weight))
+        )
+        return jnp.vdot(out, cot) if reduction == "none" else out
+
+    got, got_g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(hidden, classifier, bias)
+    want, want_g = reference(
+        hidden, classifier, bias, target, kw, reduction, cotangent=cot if reduction == "none" else None
+    )
+    xp_assert_close(got, np.vdot(want, cot) if reduction == "none" else want, rtol=1e-12)
+    for a, c in zip(got_g, want_g, strict=True):
+        xp_assert_close(a, c, rtol=1e-11, atol=1e-13)
+
+    def loops():
+        jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(hidden, classifier, bias).jaxpr
+        return _count(jaxpr, "scan") + _count(jaxpr, "while")
+
+    sliced = loops()
+    monkeypatch.undo()
+    assert sliced > loops()  # the slice loop was there (fori_loop traces to a scan or a while)
+
+
+def test_jax_classifier_gradient_without_a_second_accumulator(monkeypatch):
+    # XLA's CPU backend does not fuse `dW + G^T h` into the product: accumulated whole, the (V, H) product
+    # is a temporary as large as dW.  Sliced, what XLA allocates besides the arguments is the outputs plus
+    # about one chunk's logits and one slice; a second (V, H) buffer would double the temporaries.
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    n, h, v, chunk = 64, 128, 4096, 16
+    monkeypatch.setattr(_linear, "CHUNK_BYTES", 2**18)  # slices of 512 rows: 256 KiB, dW is 2 MiB
+    f32 = jnp.float32
+    args = (jax.ShapeDtypeStruct((n, h), f32), jax.ShapeDtypeStruct((v, h), f32), jax.ShapeDtypeStruct((n,), jnp.int32))
+
+    def f(hh, ww, tt):
+        return xlsce.linear_cross_entropy(hh, ww, tt, chunk_size=chunk, label_smoothing=0.1)
+
+    mem = jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(*args).compile().memory_analysis()
+    if mem is None:
+        pytest.skip("this jaxlib reports no memory analysis")
+    dw_bytes = v * h * 4
+    assert mem.temp_size_in_bytes < dw_bytes / 2, mem
+
+
 def test_jax_partial_argnums():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy

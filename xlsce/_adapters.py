@@ -502,6 +502,38 @@ def _torch_loop(*args):
     return _linear.eager_loop(*args, addmm=_torch_addmm)
 
 
+def _jax_addmm(acc, a, b, rows):
+    """acc + a @ b for JAX, ``rows`` rows of ``a`` at a time in a ``lax.fori_loop``.
+
+    XLA on the CPU does not fuse a product into the addition that consumes it, so
+    ``acc + a @ b`` would hold a temporary as large as ``acc`` (the (V, H) gradient
+    of the classifier).  Slice by slice, the temporary is one (rows, H) product and
+    each slice is updated in place (``dynamic_update_slice`` on the loop's carry).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    dt = acc.dtype if acc is not None else jnp.result_type(a, b)
+    v = a.shape[0]
+    if acc is None:
+        acc = jnp.zeros((v, b.shape[1]), dt)
+    if rows >= v:
+        return acc + (a @ b).astype(dt)
+    count, tail = divmod(v, rows)
+
+    def body(i, acc):
+        start = i * rows
+        part = jax.lax.dynamic_slice_in_dim(a, start, rows, axis=0) @ b
+        old = jax.lax.dynamic_slice_in_dim(acc, start, rows, axis=0)
+        return jax.lax.dynamic_update_slice_in_dim(acc, old + part.astype(dt), start, axis=0)
+
+    acc = jax.lax.fori_loop(0, count, body, acc)
+    if tail:
+        start = count * rows
+        acc = acc.at[start:].add((a[start:] @ b).astype(dt))
+    return acc
+
+
 def _jax_scan_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse=None):
     """The chunk loop as one ``lax.scan``: the last chunk is padded and masked with ``where``."""
     import jax
@@ -522,6 +554,9 @@ def _jax_scan_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weigh
         None if g_lse is None else jnp.pad(g_lse, (0, pad)).reshape(count, chunk),
     )
     v = classifier.shape[0]
+    # dW is accumulated a slice of rows at a time, each slice's product at most CHUNK_BYTES
+    rows = max(1, _linear.CHUNK_BYTES // max(1, width * jnp.dtype(dt).itemsize))
+    addmm = functools.partial(_jax_addmm, rows=rows)
     init = (
         jnp.zeros((), dt),
         jnp.zeros((v, width), dt) if need[1] else None,
@@ -532,7 +567,7 @@ def _jax_scan_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weigh
         total, dw, db = carry
         h, t, m, gk, gl = x
         gk = g if gk is None else gk
-        step = _linear.chunk_step(jnp, cfg, h, classifier, bias, t, weight, m, gk, need, (dw, db), g_lse=gl)
+        step = _linear.chunk_step(jnp, cfg, h, classifier, bias, t, weight, m, gk, need, (dw, db), addmm, gl)
         loss, lse, dh, dw, db = step
         if cfg.reduction == "none":
             return (total, dw, db), (loss, lse, dh)

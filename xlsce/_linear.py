@@ -25,7 +25,7 @@ then the positions are split into ``n = ceil(N / C_max)`` chunks of equal size
 The loop itself is pluggable: :func:`eager_loop` is a Python loop (NumPy,
 PyTorch, array-api-strict); the JAX adapter passes a ``lax.scan`` loop over the
 same :func:`chunk_step`, so the traced graph does not grow with the number of
-chunks.
+chunks (and accumulates dW in row slices of at most CHUNK_BYTES, in place).
 """
 
 from __future__ import annotations
