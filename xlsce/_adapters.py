@@ -92,6 +92,20 @@ def subtract(xp, a, b, out=None):
     return torch.sub(a, b, out=out)
 
 
+def matmul(a, b, out=None):
+    """a @ b, written into ``out`` (a buffer of xlsce's, of the result's shape and dtype) where given
+    and the library allows: a product's output reused from one chunk to the next costs no fresh pages."""
+    if out is not None and array_api_compat.is_numpy_array(out):
+        import numpy as np
+
+        return np.matmul(a, b, out=out)
+    if out is not None and is_torch(out):
+        import torch
+
+        return torch.matmul(a, b, out=out)
+    return a @ b
+
+
 def imul(a, b):
     """a * b, in place on xlsce's own buffer ``a`` where the library allows."""
     if _inplace(a):
@@ -245,7 +259,7 @@ def _row_dot(xp, a, v, axis):
 BLOCK_ELEMENTS = 1 << 20  # positions x classes per block: 4 MiB of float32, cache-sized
 
 
-def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None, first_is_block=False):
+def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None, first_is_block=False, out=None):
     """``fn(*arrays)`` evaluated on blocks of positions along axis 0, results joined.
 
     Eager NumPy and PyTorch on the CPU only (elsewhere one call on the whole
@@ -259,6 +273,9 @@ def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None, first_is_block=Fa
     the output of dtype ``out_dtype`` and the rest are joined; ``fn`` then also
     receives ``out=``, the output's block, where it may write that entry itself
     (NumPy and PyTorch, when the output has the dtype of the first array).
+    ``out``, if given (with ``first_is_block``, eager NumPy or PyTorch, of the
+    first array's shape and of dtype ``out_dtype``), is that output: a buffer of
+    the caller's, reused instead of a fresh one.
     """
     x = arrays[0]
     n = x.shape[0] if x.ndim else 0
@@ -268,14 +285,16 @@ def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None, first_is_block=Fa
         return out if out_dtype is None or out.dtype == out_dtype else xp.astype(out, out_dtype)
 
     if n <= rows or not (blocked and _inplace(x) and can_branch(x) and str(device(x)) == "cpu"):
-        out = fn(*arrays)
-        return (cast(out[0]), *out[1:]) if first_is_block else cast(out)
+        r = fn(*arrays, out=out) if out is not None else fn(*arrays)
+        return (cast(r[0]), *r[1:]) if first_is_block else cast(r)
 
     def block(a, i):
         return a[i : i + rows, ...] if hasattr(a, "shape") and a.ndim else a
 
     if out_dtype is not None:
-        out, parts = xp.empty(x.shape, dtype=out_dtype, device=array_api_compat.device(x)), []
+        if out is None:
+            out = xp.empty(x.shape, dtype=out_dtype, device=array_api_compat.device(x))
+        parts = []
         into = first_is_block and out_dtype == _math.compute_dtype(xp, x.dtype)
         for i in range(0, n, rows):
             view = out[i : i + rows, ...] if into else None

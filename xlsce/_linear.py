@@ -22,6 +22,10 @@ of logits in the compute dtype, ``C_max = max(1, CHUNK_BYTES // (V * itemsize))`
 then the positions are split into ``n = ceil(N / C_max)`` chunks of equal size
 ``C = ceil(N / n)`` (so padding in the JAX loop wastes fewer than ``n`` rows).
 
+Eager loops (NumPy, PyTorch) build each chunk's logits transposed, ``W h_k^T``
+(V, C), compute the loss and its gradient in one pass, and reuse the two
+(V, C) buffers from chunk to chunk (:func:`chunk_step`).
+
 The loop itself is pluggable: :func:`eager_loop` is a Python loop (NumPy,
 PyTorch, array-api-strict); the JAX adapter passes a ``lax.scan`` loop over the
 same :func:`chunk_step`, so the traced graph does not grow with the number of
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 from array_api_compat import device as _device
 
+from . import _adapters as _ops
 from . import _math
 
 CHUNK_BYTES = 64 * 2**20
@@ -66,7 +71,9 @@ def denominator(xp, cfg, target, weight, where, dt):
     return xp.sum(w_y)
 
 
-def chunk_step(xp, cfg, h, classifier, bias, target, weight, where, g, need, acc=(None, None), addmm=None, g_lse=None):
+def chunk_step(
+    xp, cfg, h, classifier, bias, target, weight, where, g, need, acc=(None, None), addmm=None, g_lse=None, work=None
+):
     """Loss of one chunk of rows and, for ``need = (dh, dW, db)``, its gradients for cotangent ``g``.
 
     ``cfg`` is a :func:`chunk_config` (reduction "sum" or "none", axis 1).
@@ -77,33 +84,76 @@ def chunk_step(xp, cfg, h, classifier, bias, target, weight, where, g, need, acc
     the reported log-sum-exp.  Returns ``(loss, lse, dh, dW, db)``: the loss,
     the lse (None unless ``cfg.return_lse``) and the accumulators in the compute
     dtype, dh in the inputs' dtype; entries not needed are None.
+
+    ``work`` (eager NumPy and PyTorch loops) is a dict in which the chunk's
+    logits and gradient buffers are kept for the next chunk of the same size,
+    which writes into them: the loop allocates them once.  Eager, the logits are
+    built transposed, ``W h_k^T`` of shape (V, rows) with the classes along axis
+    0 (the BLAS product of that shape was the faster one on the CPU; the
+    loss's reductions along axis 0 run over contiguous rows), and the gradient
+    is computed in the forward's pass (``_math.forward`` with the cotangent,
+    from its exponentials) unless the lse has a cotangent.
     """
     in_dt = h.dtype
     dt = _math.compute_dtype(xp, in_dt)
-    z = h @ classifier.T
-    if bias is not None:
-        z = z + bias
+    rows = h.shape[0]
+    work = work if work is not None and _ops.can_branch(h) else None  # not traced, not compiled
+    if work is not None:  # eager: the logits transposed, (V, rows), classes along axis 0
+        cfg = cfg._replace(axis=0)
+        z = _keep(work, "z", _ops.matmul(classifier, h.T, out=_reuse(work, "z", rows, in_dt)))
+        if bias is not None:
+            z = _add(z, xp.reshape(bias, (-1, 1)))
+    else:
+        z = h @ classifier.T
+        if bias is not None:
+            z = z + bias
     if z.dtype != dt:
         z = xp.astype(z, dt)
-    loss, res = _math.forward(xp, cfg, z, target, weight, where)
-    lse = _math.reported_lse(xp, cfg, res) if cfg.return_lse else None
     dw, db = acc
+    if work is not None and any(need) and g_lse is None:  # one pass: the loss and its gradient
+        loss, res, dz = _math.forward(xp, cfg, z, target, weight, where, g=g, grad_out=_reuse(work, "dz", rows, dt))
+        dz = _keep(work, "dz", dz)
+    else:
+        loss, res = _math.forward(xp, cfg, z, target, weight, where)
+    lse = _math.reported_lse(xp, cfg, res) if cfg.return_lse else None
     if not any(need):
         return loss, lse, None, dw, db
-    dz, _ = _math.backward(xp, cfg, z, target, weight, res, g, g_lse=g_lse)
+    if work is None or g_lse is not None:
+        dz, _ = _math.backward(xp, cfg, z, target, weight, res, g, g_lse=g_lse)
     del z, res
     if need[2]:
-        db = _add(db, xp.sum(dz, axis=0))
+        db = _add(db, xp.sum(dz, axis=1 - cfg.axis))
     if dz.dtype != in_dt:
         dz = xp.astype(dz, in_dt)
-    dh = dz @ classifier if need[0] else None
+    dz_t = dz if cfg.axis == 0 else dz.T  # (V, rows)
+    dh = dz_t.T @ classifier if need[0] else None
     if need[1]:
         if addmm is not None:
-            dw = addmm(dw, dz.T, h)
+            dw = addmm(dw, dz_t, h)
         else:
-            p = dz.T @ h
+            p = dz_t @ h
             dw = _add(dw, p if p.dtype == dt else xp.astype(p, dt))
     return loss, lse, dh, dw, db
+
+
+def _reuse(work, name, rows, dtype):
+    """The first ``rows`` columns of the (V, C) buffer ``work[name]`` if it is there and of ``dtype``.
+
+    A buffer is reused only by chunks of its own size (a slice of columns would not be contiguous).
+    """
+    buf = None if work is None else work.get(name)
+    if buf is None or buf.shape[1] != rows or buf.dtype != dtype:
+        return None
+    return buf
+
+
+def _keep(work, name, buf):
+    """``buf``, kept in ``work`` (if given) for the next chunks unless a buffer at least as large is there."""
+    if work is not None:
+        kept = work.get(name)
+        if kept is None or kept.shape[1] < buf.shape[1] or kept.dtype != buf.dtype:
+            work[name] = buf
+    return buf
 
 
 def _add(acc, x):
@@ -121,13 +171,14 @@ def eager_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weight, w
     dt = _math.compute_dtype(xp, hidden.dtype)
     dev = _device(hidden)
     losses, lses, dhs, dw, db, total = [], [], [], None, None, None
+    work = {}  # the chunks' logits and gradient buffers, allocated by the first chunk
     for start in range(0, n, chunk):
         s = slice(start, min(start + chunk, n))
         gs = g[s] if cfg.reduction == "none" else g
         m = None if where is None else where[s]
         gl = None if g_lse is None else g_lse[s]
         loss, lse, dh, dw, db = chunk_step(
-            xp, cfg, hidden[s, :], classifier, bias, target[s], weight, m, gs, need, (dw, db), addmm, gl
+            xp, cfg, hidden[s, :], classifier, bias, target[s], weight, m, gs, need, (dw, db), addmm, gl, work
         )
         if cfg.reduction == "none":
             losses.append(loss)

@@ -118,7 +118,7 @@ def _times(xp, c, x):
     return c * xp.where(c == 0, 0.0, x)
 
 
-def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None):
+def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, grad_out=None):
     """Loss (reduced as ``cfg.reduction``) and the residuals for :func:`backward`.
 
     The per-position terms are independent, so eager NumPy and PyTorch evaluate
@@ -129,7 +129,9 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None):
     ``value_and_grad``), the gradient is computed in the same pass, from the
     exponentials the loss needs, and returned third: ``(loss, residuals, dlogits)``.
     The reduction's factor is known before the pass (the "mean" denominator
-    comes from the targets), so nothing is recomputed.
+    comes from the targets), so nothing is recomputed.  ``grad_out`` (eager, with
+    ``g``; a buffer of the logits' shape in their compute dtype) receives that
+    gradient instead of a fresh buffer.
     """
     ax = cfg.axis
     dt = compute_dtype(xp, logits.dtype)
@@ -156,7 +158,9 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None):
             return _position_terms(xp, cfg, logits, target, y, wv, gs, out)
 
         blocks, out_dtype = (logits, target if cfg.soft else None, y, gs), logits.dtype
-    parts = _ops.by_blocks(xp, terms, blocks, blocked=ax != 0, out_dtype=out_dtype, first_is_block=g is not None)
+    parts = _ops.by_blocks(
+        xp, terms, blocks, blocked=ax != 0, out_dtype=out_dtype, first_is_block=g is not None, out=grad_out
+    )
     dz, (loss, lse, coef, a_res, b, masked, lse_out) = (parts[0], parts[1:]) if g is not None else (None, parts)
 
     # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf).
