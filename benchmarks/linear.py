@@ -27,6 +27,10 @@ Each (backend, implementation) runs in its own process, one after the other:
 The loss and gradient norms of the two implementations are compared (a
 benchmark of a wrong result is void), and the ratios chunked / materialised are
 printed with the issue's targets (memory <= 25 %, time <= 1.2x).
+
+``--products`` instead times one chunk's matrix products with the logits in
+either layout, (C, V) or transposed (V, C): the price list behind the eager
+loop's choice of the transposed layout.
 """
 
 from __future__ import annotations
@@ -147,6 +151,57 @@ def _jax_worker(impl, n, h, v, chunk, runs):
     return result
 
 
+def products(backend, shape, chunk, runs=5):
+    """Median ms of one chunk's three matrix products, logits (C, V) or transposed (V, C).
+
+    The per-chunk price list behind the eager loop's layout: ``h W^T`` against
+    ``W h^T`` for the logits, then ``dh`` and the ``dW`` accumulation from either.
+    """
+    c, h, v = chunk, shape["h"], shape["v"]
+    hidden, classifier, _ = _inputs(c, h, v)
+    grad = np.random.default_rng(1).standard_normal((c, v), dtype=np.float32)
+    if backend == "torch":
+        import torch
+
+        hh, ww, g = (torch.from_numpy(a) for a in (hidden, classifier, grad))
+        g_t, dw = g.T.contiguous(), torch.zeros(v, h)
+        z, z_t = torch.empty(c, v), torch.empty(v, c)
+        ops = {
+            "logits h W^T (C, V)": lambda: torch.matmul(hh, ww.T, out=z),
+            "logits W h^T (V, C)": lambda: torch.matmul(ww, hh.T, out=z_t),
+            "dh from (C, V)": lambda: g @ ww,
+            "dh from (V, C)": lambda: g_t.T @ ww,
+            "dW += from (C, V)": lambda: dw.addmm_(g.T, hh),
+            "dW += from (V, C)": lambda: dw.addmm_(g_t, hh),
+        }
+        block = lambda x: x  # noqa: E731
+    else:
+        import jax
+
+        jnp = jax.numpy
+        hh, ww, g = (jnp.asarray(a) for a in (hidden, classifier, grad))
+        g_t = jnp.asarray(grad.T.copy())
+        mm = jax.jit(lambda a, b: a @ b)
+        ops = {
+            "logits h W^T (C, V)": lambda: mm(hh, ww.T),
+            "logits W h^T (V, C)": lambda: mm(ww, hh.T),
+            "dh from (C, V)": lambda: mm(g, ww),
+            "dh from (V, C)": lambda: mm(g_t.T, ww),
+            "dW from (C, V)": lambda: mm(g.T, hh),
+            "dW from (V, C)": lambda: mm(g_t, hh),
+        }
+        block = jax.block_until_ready
+    times = {name: [] for name in ops}
+    for fn in ops.values():
+        block(fn())  # warm-up, compilation
+    for _ in range(runs):  # interleaved, so that the machine's load falls on every product alike
+        for name, fn in ops.items():
+            t0 = time.perf_counter()
+            block(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
 def _run_case(backend, impl, shape, chunk, runs):
     cmd = [
         sys.executable,
@@ -177,6 +232,7 @@ def main(argv=None):
     p.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: xlsce's rule)")
     p.add_argument("--backends", default="torch,jax", help="comma-separated: torch, jax")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--products", action="store_true", help="time one chunk's matrix products in both layouts instead")
     p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -190,6 +246,15 @@ def main(argv=None):
     shape = QUICK if args.quick else FULL
     runs = args.runs or (5 if args.quick else 3)
     chunk = args.chunk_size or (shape["n"] // 8 if args.quick else None)
+    if args.products:
+        from xlsce import _linear
+
+        c = chunk or _linear.default_chunk_size(shape["n"], shape["v"], 4)
+        for backend in args.backends.split(","):
+            print(f"{backend}: one chunk of {c} rows, H={shape['h']} V={shape['v']} float32, median of {max(runs, 5)}")
+            for name, ms in products(backend, shape, c, max(runs, 5)).items():
+                print(f"  {name:22s} {ms:8.1f} ms")
+        return 0
     if chunk is None:
         from xlsce import _linear
 
