@@ -3,11 +3,12 @@
 The loss is that of :func:`xlsce._math.forward` on the logits ``z = h W^T + b``
 (class axis last), but the ``(N, V)`` logits never exist: the ``N`` positions
 are cut into chunks of ``C`` rows and each chunk runs :func:`xlsce._math.forward`
-and :func:`xlsce._math.backward` on its own ``(C, V)`` logits::
+and :func:`xlsce._math.backward` on its own logits, built transposed, ``(V, C)``
+with the classes along axis 0::
 
-    z_k   = h_k W^T + b                     (matmul in the inputs' dtype)
-    G_k   = d loss / d z_k                  (_math.backward, float32/float64)
-    dh_k  = G_k W,    dW += G_k^T h_k,    db += sum_rows G_k
+    z_k^T = W h_k^T + b                     (matmul in the inputs' dtype)
+    G_k^T = d loss / d z_k^T                (_math.backward, float32/float64)
+    dh_k  = (G_k^T)^T W,    dW += G_k^T h_k,    db += sum over columns of G_k^T
 
 Chunks are reduced with ``"sum"``; ``"mean"`` divides by the global denominator
 ``D = sum_i m_i w[y_i]`` computed from the targets before the loop (so the
@@ -22,9 +23,8 @@ of logits in the compute dtype, ``C_max = max(1, CHUNK_BYTES // (V * itemsize))`
 then the positions are split into ``n = ceil(N / C_max)`` chunks of equal size
 ``C = ceil(N / n)`` (so padding in the JAX loop wastes fewer than ``n`` rows).
 
-Eager loops (NumPy, PyTorch) build each chunk's logits transposed, ``W h_k^T``
-(V, C), compute the loss and its gradient in one pass, and reuse the two
-(V, C) buffers from chunk to chunk (:func:`chunk_step`).
+Eager loops (NumPy, PyTorch) compute each chunk's loss and gradient in one
+pass and reuse the two (V, C) buffers from chunk to chunk (:func:`chunk_step`).
 
 The loop itself is pluggable: :func:`eager_loop` is a Python loop (NumPy,
 PyTorch, array-api-strict); the JAX adapter passes a ``lax.scan`` loop over the
@@ -52,8 +52,9 @@ def default_chunk_size(n: int, v: int, itemsize: int) -> int:
 
 
 def chunk_config(cfg: _math.Config) -> _math.Config:
-    """Chunks are reduced with "sum" (the mean's denominator is global) or not at all."""
-    return cfg._replace(axis=1, reduction="none" if cfg.reduction == "none" else "sum")
+    """Chunks are reduced with "sum" (the mean's denominator is global) or not at all; their logits
+    are transposed, (V, rows), the classes along axis 0."""
+    return cfg._replace(axis=0, reduction="none" if cfg.reduction == "none" else "sum")
 
 
 def denominator(xp, cfg, target, weight, where, dt):
@@ -76,7 +77,7 @@ def chunk_step(
 ):
     """Loss of one chunk of rows and, for ``need = (dh, dW, db)``, its gradients for cotangent ``g``.
 
-    ``cfg`` is a :func:`chunk_config` (reduction "sum" or "none", axis 1).
+    ``cfg`` is a :func:`chunk_config` (reduction "sum" or "none", axis 0).
     ``acc = (dW, db)`` are the accumulators of the previous chunks (None at the
     first; updated in place where the library allows).  ``addmm(acc, a, b)``,
     if given, returns ``acc + a @ b`` (a backend's fused, in-place product; acc
@@ -85,12 +86,14 @@ def chunk_step(
     the lse (None unless ``cfg.return_lse``) and the accumulators in the compute
     dtype, dh in the inputs' dtype; entries not needed are None.
 
+    The logits are built transposed, ``W h_k^T`` of shape (V, rows) with the
+    classes along axis 0: on the CPU that product is the faster one, on
+    PyTorch's BLAS and on XLA (``python -m benchmarks.linear --products``),
+    and the loss's reductions along axis 0 run over contiguous rows.
+
     ``work`` (eager NumPy and PyTorch loops) is a dict in which the chunk's
     logits and gradient buffers are kept for the next chunk of the same size,
-    which writes into them: the loop allocates them once.  Eager, the logits are
-    built transposed, ``W h_k^T`` of shape (V, rows) with the classes along axis
-    0 (the BLAS product of that shape was the faster one on the CPU; the
-    loss's reductions along axis 0 run over contiguous rows), and the gradient
+    which writes into them: the loop allocates them once.  Eager, the gradient
     is computed in the forward's pass (``_math.forward`` with the cotangent,
     from its exponentials) unless the lse has a cotangent.
     """
@@ -98,15 +101,10 @@ def chunk_step(
     dt = _math.compute_dtype(xp, in_dt)
     rows = h.shape[0]
     work = work if work is not None and _ops.can_branch(h) else None  # not traced, not compiled
-    if work is not None:  # eager: the logits transposed, (V, rows), classes along axis 0
-        cfg = cfg._replace(axis=0)
-        z = _keep(work, "z", _ops.matmul(classifier, h.T, out=_reuse(work, "z", rows, in_dt)))
-        if bias is not None:
-            z = _add(z, xp.reshape(bias, (-1, 1)))
-    else:
-        z = h @ classifier.T
-        if bias is not None:
-            z = z + bias
+    z = _keep(work, "z", _ops.matmul(classifier, h.T, out=_reuse(work, "z", rows, in_dt)))
+    if bias is not None:
+        b = xp.reshape(bias, (-1, 1))
+        z = z + b if work is None else _add(z, b)
     if z.dtype != dt:
         z = xp.astype(z, dt)
     dw, db = acc
@@ -122,16 +120,15 @@ def chunk_step(
         dz, _ = _math.backward(xp, cfg, z, target, weight, res, g, g_lse=g_lse)
     del z, res
     if need[2]:
-        db = _add(db, xp.sum(dz, axis=1 - cfg.axis))
+        db = _add(db, xp.sum(dz, axis=1))
     if dz.dtype != in_dt:
         dz = xp.astype(dz, in_dt)
-    dz_t = dz if cfg.axis == 0 else dz.T  # (V, rows)
-    dh = dz_t.T @ classifier if need[0] else None
+    dh = dz.T @ classifier if need[0] else None
     if need[1]:
         if addmm is not None:
-            dw = addmm(dw, dz_t, h)
+            dw = addmm(dw, dz, h)
         else:
-            p = dz_t @ h
+            p = dz @ h
             dw = _add(dw, p if p.dtype == dt else xp.astype(p, dt))
     return loss, lse, dh, dw, db
 
