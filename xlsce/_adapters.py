@@ -522,7 +522,7 @@ def _torch_loop(*args):
 
 
 def _jax_addmm(acc, a, b, rows):
-    """acc + a @ b for JAX, ``rows`` rows of ``a`` at a time in a ``lax.fori_loop``.
+    """acc + a @ b for JAX (``acc`` the scan's carry), ``rows`` rows of ``a`` at a time in a ``lax.fori_loop``.
 
     XLA on the CPU does not fuse a product into the addition that consumes it, so
     ``acc + a @ b`` would hold a temporary as large as ``acc`` (the (V, H) gradient
@@ -530,12 +530,8 @@ def _jax_addmm(acc, a, b, rows):
     each slice is updated in place (``dynamic_update_slice`` on the loop's carry).
     """
     import jax
-    import jax.numpy as jnp
 
-    dt = acc.dtype if acc is not None else jnp.result_type(a, b)
-    v = a.shape[0]
-    if acc is None:
-        acc = jnp.zeros((v, b.shape[1]), dt)
+    dt, v = acc.dtype, a.shape[0]
     if rows >= v:
         return acc + (a @ b).astype(dt)
     count, tail = divmod(v, rows)

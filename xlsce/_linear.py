@@ -134,7 +134,7 @@ def chunk_step(
 
 
 def _reuse(work, name, rows, dtype):
-    """The first ``rows`` columns of the (V, C) buffer ``work[name]`` if it is there and of ``dtype``.
+    """The (V, C) buffer ``work[name]`` if it is there, has ``rows`` columns and ``dtype``; else None.
 
     A buffer is reused only by chunks of its own size (a slice of columns would not be contiguous).
     """
@@ -145,7 +145,8 @@ def _reuse(work, name, rows, dtype):
 
 
 def _keep(work, name, buf):
-    """``buf``, kept in ``work`` (if given) for the next chunks unless a buffer at least as large is there."""
+    """``buf``, kept in ``work`` (if given) for the next chunks, unless a buffer with at least as many
+    columns is kept already (the chunks are of equal size but the last, which is smaller)."""
     if work is not None:
         kept = work.get(name)
         if kept is None or kept.shape[1] < buf.shape[1] or kept.dtype != buf.dtype:
