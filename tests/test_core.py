@@ -163,6 +163,27 @@ def test_jax_float32_smoothing_sum_precision(offset, bound):
     assert np.max(np.abs(eager.astype(np.float64) - want) / want) <= 2e-7
 
 
+@pytest.mark.parametrize("dtype, most", [("float32", 0.25), ("bfloat16", 1.25)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_jax_value_and_grad_temporaries(dtype, most, weighted):
+    # jit(value_and_grad): besides its arguments and the returned gradient, XLA allocates in units of the
+    # float32 logits' size N*K*4: float32 logits need no (N, K) temporary (the exponentials the forward and
+    # the backward share live in the gradient's buffer); bfloat16 logits one float32 buffer at most.
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    n, k = 256, 4096
+    args = [jax.ShapeDtypeStruct((n, k), jnp.dtype(dtype)), jax.ShapeDtypeStruct((n,), jnp.int32)]
+    args.append(jax.ShapeDtypeStruct((k,), jnp.dtype(dtype)) if weighted else None)
+
+    def f(z, y, w):
+        return xlsce.cross_entropy(z, y, label_smoothing=0.1, weight=w)
+
+    mem = jax.jit(jax.value_and_grad(f)).lower(*args).compile().memory_analysis()
+    if mem is None:
+        pytest.skip("this jaxlib reports no memory analysis")
+    assert mem.temp_size_in_bytes <= most * n * k * 4, mem
+
+
 @pytest.mark.parametrize(
     ("smoothing", "q_target", "q_other"),
     [("uniform", 0.95, 0.05), ("exclusive", 0.9, 0.1)],

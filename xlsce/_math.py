@@ -398,13 +398,15 @@ def _position_grad(xp, cfg: Config, logits, target, y, wv, lse, alpha, beta, gam
     the reciprocal of its row sums: softmax = exp(z - m) / s without a second exponential.
     ``m``, the forward's row maximum: traced, softmax is spelt exp(z - m) * exp(m - lse), the
     forward's own exponentials, so that a compiler that sees the forward and the backward together
-    (``jax.jit`` of ``jax.value_and_grad``) computes them once.
+    (``jax.jit`` of ``jax.value_and_grad``) computes them once, in the buffer of the gradient.  Not
+    for half-precision logits: there the shared float32 exponentials would be a buffer of their own
+    (XLA then reserves twice the memory and takes longer).
     """
     ax = cfg.axis
     z = capped_logits(xp, cfg, logits) if z is None else z
     dt = z.dtype
     w = None if wv is None else _along(xp, wv, ax, z.ndim)
-    if e is None and m is not None and not _ops.can_branch(z):
+    if e is None and m is not None and not _ops.can_branch(z) and logits.dtype == dt:
         dz = xp.exp(z - m) * (alpha * xp.exp(m - lse))
     elif e is None:
         dz = _ops.exp_(xp, z - lse)  # softmax, in a buffer of ours
