@@ -60,7 +60,6 @@ class Residuals(NamedTuple):
     y: object  # class index with ignored positions set to 0, keepdims (index targets)
     masked: bool  # whether -inf logits need masking (always True when traced)
     lse_out: object = None  # the log-sum-exp to report (-inf where every logit is -inf), if asked
-    shift: object = None  # the row maximum m of the forward's exp(z - m) (0 for a row of -inf only)
 
 
 def compute_dtype(xp, dtype):
@@ -162,7 +161,7 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, gr
     parts = _ops.by_blocks(
         xp, terms, blocks, blocked=ax != 0, out_dtype=out_dtype, first_is_block=g is not None, out=grad_out
     )
-    dz, (loss, lse, coef, a_res, b, masked, lse_out, m) = (parts[0], parts[1:]) if g is not None else (None, parts)
+    dz, (loss, lse, coef, a_res, b, masked, lse_out) = (parts[0], parts[1:]) if g is not None else (None, parts)
 
     # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf).
     if valid is not None:
@@ -178,7 +177,7 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, gr
         out = xp.where(nothing, 0.0, xp.sum(loss) / xp.where(nothing, 1.0, d))
     if out.dtype != logits.dtype:
         out = xp.astype(out, logits.dtype)
-    res = Residuals(lse, coef, a_res, b, scale, y, masked, lse_out, m)
+    res = Residuals(lse, coef, a_res, b, scale, y, masked, lse_out)
     return (out, res) if g is None else (out, res, dz)
 
 
@@ -336,12 +335,12 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, gs=None, out=None):
     if cfg.return_lse:
         lse_out = xp.where(empty, -xp.inf, lse) if masked else lse
     if gs is None:
-        return loss, lse, coef, a_res, b, masked, lse_out, m
+        return loss, lse, coef, a_res, b, masked, lse_out
     # zs holds exp(z - m); softmax = zs / s (rows of -inf only: zs = 0, s taken as 1)
     alpha, beta, gamma = _scaled(gs, coef, b, a_res)
     inv_s = 1.0 / (xp.where(empty, 1.0, s) if masked else s)
     dz = _position_grad(xp, cfg, logits, target, y, wv, None, alpha, beta, gamma, masked, e=(zs, inv_s), z=z)
-    return dz, loss, lse, coef, a_res, b, masked, lse_out, m
+    return dz, loss, lse, coef, a_res, b, masked, lse_out
 
 
 def reported_lse(xp, cfg: Config, res: Residuals):
@@ -373,10 +372,10 @@ def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_ta
     if g_lse is not None:
         alpha = alpha + xp.expand_dims(xp.astype(g_lse, dt, copy=False), axis=ax)
 
-    def grad(logits, target, y, lse, m, alpha, beta, gamma):
-        return _position_grad(xp, cfg, logits, target, y, wv, lse, alpha, beta, gamma, res.masked, m=m)
+    def grad(logits, target, y, lse, alpha, beta, gamma):
+        return _position_grad(xp, cfg, logits, target, y, wv, lse, alpha, beta, gamma, res.masked)
 
-    blocks = (logits, target if cfg.soft else None, res.y, res.lse, res.shift, alpha, beta, gamma)
+    blocks = (logits, target if cfg.soft else None, res.y, res.lse, alpha, beta, gamma)
     dz = _ops.by_blocks(xp, grad, blocks, blocked=ax != 0, out_dtype=logits.dtype)
     dtarget = None
     if need_target and cfg.soft:
@@ -391,24 +390,17 @@ def _scaled(c, coef, b, a):
     return c * coef, c * b, c * a
 
 
-def _position_grad(xp, cfg: Config, logits, target, y, wv, lse, alpha, beta, gamma, masked, e=None, z=None, m=None):
+def _position_grad(xp, cfg: Config, logits, target, y, wv, lse, alpha, beta, gamma, masked, e=None, z=None):
     """alpha * softmax(z) - beta * w (on the classes in play) - gamma * (w * t or the one-hot), for a block.
 
     ``e = (exp(z - m), 1 / s)``, if given, is the forward's buffer of exponentials (overwritten) and
     the reciprocal of its row sums: softmax = exp(z - m) / s without a second exponential.
-    ``m``, the forward's row maximum: traced, softmax is spelt exp(z - m) * exp(m - lse), the
-    forward's own exponentials, so that a compiler that sees the forward and the backward together
-    (``jax.jit`` of ``jax.value_and_grad``) computes them once, in the buffer of the gradient.  Not
-    for half-precision logits: there the shared float32 exponentials would be a buffer of their own
-    (XLA then reserves twice the memory and takes longer).
     """
     ax = cfg.axis
     z = capped_logits(xp, cfg, logits) if z is None else z
     dt = z.dtype
     w = None if wv is None else _along(xp, wv, ax, z.ndim)
-    if e is None and m is not None and not _ops.can_branch(z) and logits.dtype == dt:
-        dz = xp.exp(z - m) * (alpha * xp.exp(m - lse))
-    elif e is None:
+    if e is None:
         dz = _ops.exp_(xp, z - lse)  # softmax, in a buffer of ours
         dz = _ops.imul(dz, alpha)
     else:
