@@ -145,12 +145,10 @@ def _reuse(work, name, rows, dtype):
 
 
 def _keep(work, name, buf):
-    """``buf``, kept in ``work`` (if given) for the next chunks, unless a buffer with at least as many
-    columns is kept already (the chunks are of equal size but the last, which is smaller)."""
+    """``buf``, kept in ``work`` (if given) for the next chunks unless one is kept already: the first
+    chunk's buffers, whose size every later chunk but the last (a smaller one) has."""
     if work is not None:
-        kept = work.get(name)
-        if kept is None or kept.shape[1] < buf.shape[1] or kept.dtype != buf.dtype:
-            work[name] = buf
+        work.setdefault(name, buf)
     return buf
 
 
