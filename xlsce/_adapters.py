@@ -19,19 +19,51 @@ import array_api_compat
 
 from . import _math
 
+# Per-call dispatch is kept thin (it is most of the time of a small loss): array-api-compat's answers
+# depend on the arrays' types only, so they are looked up once per type (or tuple of types) and cached.
+_KINDS = {}  # type -> "numpy" | "torch" | "jax" | "other"
+_NAMESPACES = {}  # tuple of types -> namespace
+
+
+def kind(x) -> str:
+    """Which library ``x`` belongs to: "numpy", "torch", "jax" or "other" (array-api-compat's tests, by type)."""
+    t = type(x)
+    k = _KINDS.get(t)
+    if k is None:
+        if array_api_compat.is_torch_array(x):
+            k = "torch"
+        elif array_api_compat.is_numpy_array(x):
+            k = "numpy"
+        elif array_api_compat.is_jax_array(x):
+            if type(x).__module__.startswith("numpy"):
+                return "jax"  # a NumPy array of JAX's float0 dtype: decided by value, not cached
+            k = "jax"
+        else:
+            k = "other"
+        _KINDS[t] = k
+    return k
+
 
 def namespace(*arrays):
     """The array-API namespace shared by ``arrays`` (None entries are skipped)."""
     arrays = [a for a in arrays if a is not None]
-    return array_api_compat.array_namespace(*arrays)
+    key = tuple(type(a) for a in arrays)
+    xp = _NAMESPACES.get(key)
+    if xp is None:
+        xp = _NAMESPACES[key] = array_api_compat.array_namespace(*arrays)  # raises TypeError for mixed libraries
+    return xp
 
 
 def is_torch(x) -> bool:
-    return array_api_compat.is_torch_array(x)
+    return kind(x) == "torch"
 
 
 def is_jax(x) -> bool:
-    return array_api_compat.is_jax_array(x)
+    return kind(x) == "jax"
+
+
+def is_numpy(x) -> bool:
+    return kind(x) == "numpy"
 
 
 def is_traced(x) -> bool:
@@ -59,9 +91,10 @@ def is_traced(x) -> bool:
 
 def can_branch(x) -> bool:
     """Whether Python may look at values of ``x`` to skip work (eager numpy and torch only)."""
-    if array_api_compat.is_numpy_array(x):
+    k = kind(x)
+    if k == "numpy":
         return True
-    if is_torch(x):
+    if k == "torch":
         import torch
 
         return not torch.compiler.is_compiling()
@@ -69,12 +102,18 @@ def can_branch(x) -> bool:
 
 
 def _inplace(x) -> bool:
-    return array_api_compat.is_numpy_array(x) or is_torch(x)
+    return kind(x) in ("numpy", "torch")
+
+
+def on_cpu(x) -> bool:
+    """Whether ``x`` lives in the host's memory (NumPy, or a CPU tensor)."""
+    k = kind(x)
+    return k == "numpy" or (k == "torch" and x.device.type == "cpu") or str(device(x)) == "cpu"
 
 
 def exp_(xp, a):
     """exp(a), overwriting ``a`` where the library allows (``a`` must be xlsce's own buffer)."""
-    if array_api_compat.is_numpy_array(a):
+    if is_numpy(a):
         return xp.exp(a, out=a)
     if is_torch(a):
         return a.exp_()
@@ -83,10 +122,13 @@ def exp_(xp, a):
 
 def subtract(xp, a, b, out=None):
     """a - b, written into ``out`` (a buffer of xlsce's, of the result's shape and dtype) where given."""
+    if is_numpy(a):
+        import numpy as np
+
+        with np.errstate(invalid="ignore"):  # -inf - (-inf): a row of -inf only, detected by the caller
+            return np.subtract(a, b, out=out)
     if out is None:
         return a - b
-    if array_api_compat.is_numpy_array(out):
-        return xp.subtract(a, b, out=out)
     import torch
 
     return torch.sub(a, b, out=out)
@@ -95,7 +137,7 @@ def subtract(xp, a, b, out=None):
 def matmul(a, b, out=None):
     """a @ b, written into ``out`` (a buffer of xlsce's, of the result's shape and dtype) where given
     and the library allows: a product's output reused from one chunk to the next costs no fresh pages."""
-    if out is not None and array_api_compat.is_numpy_array(out):
+    if out is not None and is_numpy(out):
         import numpy as np
 
         return np.matmul(a, b, out=out)
@@ -138,8 +180,8 @@ def isub_product(a, u, v):
 
 def isub_at(xp, a, index, v, axis):
     """``a`` minus ``v`` at ``index`` along ``axis`` (one index per position, keepdims)."""
-    if array_api_compat.is_numpy_array(a):
-        xp.put_along_axis(a, index, xp.take_along_axis(a, index, axis=axis) - v, axis=axis)
+    if is_numpy(a):
+        a[_numpy_along(a, index, axis)] -= v
         return a
     if is_torch(a):
         import torch
@@ -156,7 +198,9 @@ def isub_at(xp, a, index, v, axis):
 
 def number(x):
     """A 0-d array whose value can be read cheaply (eager, on the CPU) as a Python float; else ``x``."""
-    if getattr(x, "ndim", None) == 0 and can_branch(x) and str(array_api_compat.device(x)) == "cpu":
+    if isinstance(x, float):
+        return x
+    if getattr(x, "ndim", None) == 0 and can_branch(x) and on_cpu(x):
         return float(x)
     return x
 
@@ -175,7 +219,20 @@ def take_at(xp, a, index, axis):
         import torch
 
         return a.gather(axis, index if index.dtype == torch.int64 else index.long())
+    if is_numpy(a):
+        return a[_numpy_along(a, index, axis)]
     return xp.take_along_axis(a, index, axis=axis)
+
+
+def _numpy_along(a, index, axis):
+    """The fancy index of ``a`` at ``index`` along ``axis`` (``index`` keepdims): ``np.take_along_axis``'s,
+    without its checks, which cost more than the gather on small arrays."""
+    import numpy as np
+
+    return tuple(
+        index if i == axis else np.arange(s).reshape(tuple(s if j == i else 1 for j in range(a.ndim)))
+        for i, s in enumerate(a.shape)
+    )
 
 
 def all_finite(xp, *arrays):
@@ -186,7 +243,7 @@ def all_finite(xp, *arrays):
     total = None
     for a in arrays:
         total = xp.sum(a) if total is None else total + xp.sum(a)
-    if array_api_compat.is_numpy_array(total) or not hasattr(total, "device"):  # numpy sums are scalars
+    if is_numpy(total) or not hasattr(total, "device"):  # numpy sums are scalars
         import numpy as np
 
         with np.errstate(over="ignore", invalid="ignore"):
@@ -235,7 +292,7 @@ def row_dot(xp, a, v, axis):
     """sum_c v_c a_c along ``axis`` (keepdims); ``v`` None means ones, or broadcasts against ``a``."""
     if v is None:
         return xp.sum(a, axis=axis, keepdims=True)
-    if array_api_compat.is_numpy_array(a):
+    if is_numpy(a):
         import numpy as np
 
         with np.errstate(invalid="ignore"):  # 0 * -inf: the caller detects the non-finite sum
@@ -246,7 +303,7 @@ def row_dot(xp, a, v, axis):
 def _row_dot(xp, a, v, axis):
     if axis == a.ndim - 1 and v.ndim == a.ndim and all(s == 1 for s in v.shape[:-1]) and (_inplace(a) or is_jax(a)):
         v = xp.reshape(v, (-1,))
-        if array_api_compat.is_numpy_array(a):
+        if is_numpy(a):
             # einsum's own loop: one pass, no temporary, and no BLAS call, whose thread start-up
             # cost more than the product on a cache-sized block on this project's busy 2-core machine
             import numpy as np
@@ -284,7 +341,7 @@ def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None, first_is_block=Fa
     def cast(out):
         return out if out_dtype is None or out.dtype == out_dtype else xp.astype(out, out_dtype)
 
-    if n <= rows or not (blocked and _inplace(x) and can_branch(x) and str(device(x)) == "cpu"):
+    if n <= rows or not (blocked and _inplace(x) and can_branch(x) and on_cpu(x)):
         r = fn(*arrays, out=out) if out is not None else fn(*arrays)
         return (cast(r[0]), *r[1:]) if first_is_block else cast(r)
 

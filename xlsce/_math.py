@@ -111,11 +111,11 @@ def _coefficients(xp, cfg: Config, k_eff):
     return a, b
 
 
-def _times(xp, c, x):
-    """c * x with 0 wherever c == 0, also where x is infinite (0 * log 0 = 0)."""
+def _times(xp, c, x, finite=False):
+    """c * x with 0 wherever c == 0, also where x is infinite (0 * log 0 = 0); ``finite``: x is known finite."""
     if isinstance(c, float):
         return x if c == 1 else c * x if c != 0 else xp.zeros_like(x)
-    return c * xp.where(c == 0, 0.0, x)
+    return c * x if finite else c * xp.where(c == 0, 0.0, x)
 
 
 def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, grad_out=None):
@@ -234,14 +234,15 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, gs=None, out=None):
 
     # Eager, -inf logits are looked for (in the row maxima, then in the row sums that the smoothing
     # and soft targets need anyway); traced, their handling is always in the graph (fused there).
+    # Eager with row sums to take (smoothing, soft targets), a -inf row maximum shows in them as NaN:
+    # one check of the sums covers both.
     m = xp.max(z, axis=ax, keepdims=True)
     eager = _ops.can_branch(z)
-    masked = not (eager and _ops.all_finite(xp, m))
+    row_sums = cfg.eps > 0 or cfg.soft
+    masked = not eager or (not row_sums and not _ops.all_finite(xp, m))
     if masked:
         m = xp.where(m == -xp.inf, 0.0, m)  # a row of -inf only
     zs = _ops.subtract(xp, z, m, out)  # shifted logits: a buffer of ours, exponentiated in place below
-    if not cfg.soft:
-        z_y = _ops.take_at(xp, z, y, ax) - m
 
     # Row sums of the shifted logits (sum_c w_c zs_c over the classes in play,
     # sum_c w_c t_c zs_c for soft targets), taken before zs is overwritten.
@@ -288,6 +289,11 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, gs=None, out=None):
             target_sum = _ops.row_dot(xp, zs, wt, ax)
             sums.append(target_sum)
         masked = bool(sums) and not _ops.all_finite(xp, *sums)  # a -inf logit somewhere
+        if masked:  # the shift again, with rows of -inf only shifted by 0
+            m = xp.where(m == -xp.inf, 0.0, m)
+            zs = _ops.subtract(xp, z, m, out)
+    if not cfg.soft:
+        z_y = _ops.take_at(xp, z, y, ax) - m
     if masked and eager:
         fin = zs > -xp.inf
         if cfg.eps > 0:
@@ -314,16 +320,16 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, gs=None, out=None):
     # in shifted coordinates (exact for huge logits), 0 * (-inf) = 0 (a class out of play).
     if cfg.eps > 0:
         a, b = _coefficients(xp, cfg, k_eff)
-        coef, qz = b * s_w, _times(xp, b, smooth_sum)
+        coef, qz = b * s_w, _times(xp, b, smooth_sum, not masked)
     else:
         a, b, coef, qz = 1.0, 0.0, 0.0, None
     if cfg.soft:
         s_wt = xp.sum(wt, axis=ax, keepdims=True)
-        a_res, tz = a, _times(xp, a, target_sum)
+        a_res, tz = a, _times(xp, a, target_sum, not masked)
         coef = coef + a * s_wt
     else:
         a_res = a if w is None else a * xp.reshape(xp.take(wv, xp.reshape(y, (-1,)), axis=0), y.shape)
-        tz = _times(xp, a_res, z_y)
+        tz = _times(xp, a_res, z_y, not masked and row_sums)  # then every logit is finite
         coef = coef + a_res
     qz = tz if qz is None else tz + qz
     loss = (log_s if isinstance(coef, float) and coef == 1 else coef * log_s) - qz  # log_s is finite
