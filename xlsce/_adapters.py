@@ -224,6 +224,26 @@ def take_at(xp, a, index, axis):
     return xp.take_along_axis(a, index, axis=axis)
 
 
+def take_classes(xp, v, index):
+    """``v[index]``: a per-class vector ``v`` (K,) at class indices in range, of any shape."""
+    k = kind(v)
+    if k == "numpy":
+        return v[index]
+    if k == "torch":
+        import torch
+
+        return v.take(index if index.dtype == torch.int64 else index.long())  # one gather, of index's shape
+    return xp.reshape(xp.take(v, xp.reshape(index, (-1,)), axis=0), index.shape)
+
+
+def where0(xp, cond, x):
+    """``x`` where ``cond``, else 0, for an integer ``x``: eager NumPy and PyTorch multiply by the mask
+    (one cheap operation; their ``where`` with a Python scalar costs several)."""
+    if kind(x) in ("numpy", "torch"):
+        return x * cond
+    return xp.where(cond, x, 0)
+
+
 def _numpy_along(a, index, axis):
     """The fancy index of ``a`` at ``index`` along ``axis`` (``index`` keepdims): ``np.take_along_axis``'s,
     without its checks, which cost more than the gather on small arrays."""
@@ -309,7 +329,9 @@ def _row_dot(xp, a, v, axis):
             import numpy as np
 
             return xp.expand_dims(np.einsum("...k,k->...", a, v), axis=axis)
-        return xp.expand_dims(xp.matmul(a, v), axis=axis)  # one BLAS pass, no temporary
+        return xp.expand_dims(
+            a @ v, axis=axis
+        )  # one BLAS pass, no temporary (the operator: compat's matmul costs more)
     return xp.sum(a * v, axis=axis, keepdims=True)
 
 
@@ -386,10 +408,16 @@ def _join(xp, parts):
 def loss(xp, cfg: _math.Config, logits, target, weight, where):
     """The loss (and the reported log-sum-exp), differentiable with the backend's own machinery."""
     if is_torch(logits):
-        from . import _torch_autograd  # a module, imported here: torch.compile runs an import, not a class statement
+        import torch
 
-        return _torch_autograd.CrossEntropyFunction.apply(cfg, logits, target, weight, where)
-    if is_jax(logits):
+        if torch.is_grad_enabled() and (logits.requires_grad or target.requires_grad):
+            from . import (
+                _torch_autograd,  # a module, imported here: torch.compile runs an import, not a class statement
+            )
+
+            return _torch_autograd.CrossEntropyFunction.apply(cfg, logits, target, weight, where)
+        # nothing to differentiate: the forward alone, without autograd.Function's bookkeeping
+    elif is_jax(logits):
         return _jax_function()(cfg, logits, target, weight, where)
     out, res = _math.forward(xp, cfg, logits, target, weight, where)
     return (out, _reported_lse(xp, cfg, res, logits)) if cfg.return_lse else out

@@ -173,6 +173,10 @@ def _check_indices(xp, target, k, ignore_index, where):
         lo, hi = _adapters.min_max(xp, target)
         if 0 <= lo and hi < k:
             return ignore_index if ignore_index is not None and lo <= ignore_index <= hi else None
+        if where is None and ignore_index is not None and lo <= ignore_index <= hi:  # e.g. -100 among classes
+            lo, hi = _adapters.min_max(xp, _adapters.where0(xp, target != ignore_index, target))
+            if 0 <= lo and hi < k:
+                return ignore_index
     if any(_adapters.is_traced(a) for a in (target, where) if a is not None):
         return ignore_index  # no values under jax.jit/vmap or torch.compile
     bad = (target < 0) | (target >= k)

@@ -137,27 +137,29 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, gr
     dt = compute_dtype(xp, logits.dtype)
     wv = None if weight is None else xp.astype(weight, dt, copy=False)
     valid = _valid(xp, cfg, target, where)
-    y = None
+    y = w_y = None
     if not cfg.soft:
-        y = xp.expand_dims(target if valid is None else xp.where(valid, target, 0), axis=ax)
+        y = xp.expand_dims(target if valid is None else _ops.where0(xp, valid, target), axis=ax)
+        if wv is not None:
+            w_y = _ops.take_classes(xp, wv, y)  # the target's class weight, keepdims
     if valid is not None:
         valid = xp.expand_dims(valid, axis=ax)
-    scale, d = _reduction_factor(xp, cfg, logits, valid, y, wv, dt)
+    scale, d = _reduction_factor(xp, cfg, logits, valid, w_y, dt)
 
     if g is None:
 
-        def terms(logits, target, y):
-            return _position_terms(xp, cfg, logits, target, y, wv)
+        def terms(logits, target, y, w_y):
+            return _position_terms(xp, cfg, logits, target, y, wv, w_y)
 
-        blocks, out_dtype = (logits, target if cfg.soft else None, y), None
+        blocks, out_dtype = (logits, target if cfg.soft else None, y, w_y), None
     else:
         g = _cotangent(xp, cfg, g, dt)
         gs = g * scale if isinstance(scale, float) or not isinstance(g, float) or g != 1 else scale
 
-        def terms(logits, target, y, gs, out=None):
-            return _position_terms(xp, cfg, logits, target, y, wv, gs, out)
+        def terms(logits, target, y, w_y, gs, out=None):
+            return _position_terms(xp, cfg, logits, target, y, wv, w_y, gs, out)
 
-        blocks, out_dtype = (logits, target if cfg.soft else None, y, gs), logits.dtype
+        blocks, out_dtype = (logits, target if cfg.soft else None, y, w_y, gs), logits.dtype
     parts = _ops.by_blocks(
         xp, terms, blocks, blocked=ax != 0, out_dtype=out_dtype, first_is_block=g is not None, out=grad_out
     )
@@ -171,7 +173,10 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, gr
     elif cfg.reduction == "sum" or (isinstance(d, float) and d == 1):
         out = xp.sum(loss)
     elif isinstance(d, float):  # a mean over nothing decided in Python
-        out = xp.sum(loss) / d if d != 0 else xp.zeros((), dtype=dt, device=_ops.device(loss))
+        if d != 0 and d == math.prod(loss.shape):
+            out = xp.mean(loss)  # every position counts once: one operation
+        else:
+            out = xp.sum(loss) / d if d != 0 else xp.zeros((), dtype=dt, device=_ops.device(loss))
     else:
         nothing = d == 0
         out = xp.where(nothing, 0.0, xp.sum(loss) / xp.where(nothing, 1.0, d))
@@ -181,19 +186,20 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, gr
     return (out, res) if g is None else (out, res, dz)
 
 
-def _reduction_factor(xp, cfg: Config, logits, valid, y, wv, dt):
+def _reduction_factor(xp, cfg: Config, logits, valid, w_y, dt):
     """``(scale, d)``: the factor of each position's loss in the reduced loss, and the mean's
-    denominator (1.0 for "none"/"sum"); from the targets alone, before any pass over the logits."""
+    denominator (1.0 for "none"/"sum"); from the targets alone, before any pass over the logits.
+    ``w_y``: the target's class weight per position (index targets with class weights), else None."""
     vm = 1.0 if valid is None else xp.astype(valid, dt)
     if cfg.reduction != "mean":
         return vm, 1.0
-    if valid is None and (cfg.soft or wv is None):  # every position counts once
-        n = math.prod(s for i, s in enumerate(logits.shape) if i != cfg.axis)
+    if valid is None and w_y is None:  # every position counts once
+        n = math.prod(logits.shape[: cfg.axis]) * math.prod(logits.shape[cfg.axis + 1 :])
         return (1.0 / n, float(n)) if n else (0.0, 0.0)  # a mean over nothing is 0
-    if cfg.soft or wv is None:
+    if w_y is None:
         d = xp.sum(vm)
     else:
-        d = xp.sum(vm * xp.reshape(xp.take(wv, xp.reshape(y, (-1,)), axis=0), y.shape))
+        d = xp.sum(w_y if valid is None else vm * w_y)
     if _ops.can_branch(d):
         d = float(d)
     if isinstance(d, float):
@@ -211,7 +217,7 @@ def _cotangent(xp, cfg: Config, g, dt):
     return g
 
 
-def _position_terms(xp, cfg: Config, logits, target, y, wv, gs=None, out=None):
+def _position_terms(xp, cfg: Config, logits, target, y, wv, w_y, gs=None, out=None):
     """Per-position loss (keepdims) and residual terms for a block of positions.
 
     With ``gs`` (the cotangent times the reduction's factor), the block's
@@ -293,7 +299,9 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, gs=None, out=None):
             m = xp.where(m == -xp.inf, 0.0, m)
             zs = _ops.subtract(xp, z, m, out)
     if not cfg.soft:
-        z_y = _ops.take_at(xp, z, y, ax) - m
+        # the target's shifted logit: eager from zs (before it is exponentiated), one operation fewer;
+        # traced from z (a gather from zs made XLA keep zs as an (N, K) buffer of its own)
+        z_y = _ops.take_at(xp, zs, y, ax) if eager else _ops.take_at(xp, z, y, ax) - m
     if masked and eager:
         fin = zs > -xp.inf
         if cfg.eps > 0:
@@ -328,7 +336,7 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, gs=None, out=None):
         a_res, tz = a, _times(xp, a, target_sum, not masked)
         coef = coef + a * s_wt
     else:
-        a_res = a if w is None else a * xp.reshape(xp.take(wv, xp.reshape(y, (-1,)), axis=0), y.shape)
+        a_res = a if w_y is None else a * w_y
         tz = _times(xp, a_res, z_y, not masked and row_sums)  # then every logit is finite
         coef = coef + a_res
     qz = tz if qz is None else tz + qz
@@ -344,8 +352,8 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, gs=None, out=None):
         return loss, lse, coef, a_res, b, masked, lse_out
     # zs holds exp(z - m); softmax = zs / s (rows of -inf only: zs = 0, s taken as 1)
     alpha, beta, gamma = _scaled(gs, coef, b, a_res)
-    inv_s = 1.0 / (xp.where(empty, 1.0, s) if masked else s)
-    dz = _position_grad(xp, cfg, logits, target, y, wv, None, alpha, beta, gamma, masked, e=(zs, inv_s), z=z)
+    factor = alpha / (xp.where(empty, 1.0, s) if masked else s)
+    dz = _position_grad(xp, cfg, logits, target, y, w, None, alpha, beta, gamma, masked, e=(zs, factor), z=z)
     return dz, loss, lse, coef, a_res, b, masked, lse_out
 
 
@@ -378,8 +386,10 @@ def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_ta
     if g_lse is not None:
         alpha = alpha + xp.expand_dims(xp.astype(g_lse, dt, copy=False), axis=ax)
 
+    w = None if wv is None else _along(xp, wv, ax, logits.ndim)
+
     def grad(logits, target, y, lse, alpha, beta, gamma):
-        return _position_grad(xp, cfg, logits, target, y, wv, lse, alpha, beta, gamma, res.masked)
+        return _position_grad(xp, cfg, logits, target, y, w, lse, alpha, beta, gamma, res.masked)
 
     blocks = (logits, target if cfg.soft else None, res.y, res.lse, alpha, beta, gamma)
     dz = _ops.by_blocks(xp, grad, blocks, blocked=ax != 0, out_dtype=logits.dtype)
@@ -396,21 +406,23 @@ def _scaled(c, coef, b, a):
     return c * coef, c * b, c * a
 
 
-def _position_grad(xp, cfg: Config, logits, target, y, wv, lse, alpha, beta, gamma, masked, e=None, z=None):
+def _position_grad(xp, cfg: Config, logits, target, y, w, lse, alpha, beta, gamma, masked, e=None, z=None):
     """alpha * softmax(z) - beta * w (on the classes in play) - gamma * (w * t or the one-hot), for a block.
 
-    ``e = (exp(z - m), 1 / s)``, if given, is the forward's buffer of exponentials (overwritten) and
-    the reciprocal of its row sums: softmax = exp(z - m) / s without a second exponential.
+    ``w`` is the class weights shaped to broadcast along the class axis, or None.
+
+    ``e = (exp(z - m), alpha / s)``, if given, is the forward's buffer of exponentials (overwritten)
+    and ``alpha`` over its row sums: alpha * softmax = exp(z - m) * (alpha / s) without a second
+    exponential.
     """
     ax = cfg.axis
     z = capped_logits(xp, cfg, logits) if z is None else z
     dt = z.dtype
-    w = None if wv is None else _along(xp, wv, ax, z.ndim)
     if e is None:
         dz = _ops.exp_(xp, z - lse)  # softmax, in a buffer of ours
         dz = _ops.imul(dz, alpha)
     else:
-        dz = _ops.imul(e[0], alpha * e[1])
+        dz = _ops.imul(e[0], e[1])
     if cfg.eps > 0:
         wf = w
         if masked:

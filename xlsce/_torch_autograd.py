@@ -14,14 +14,35 @@ from array_api_compat import torch as xpt
 from . import _linear, _math
 from ._adapters import _reported_lse, _torch_loop
 
+SMALL_LOGITS = 1 << 16  # elements: below, the gradient is computed in the forward pass and kept
+
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """``_math.forward`` and ``_math.backward``; only O(N) residuals are saved besides the inputs."""
+    """``_math.forward`` and ``_math.backward``; only O(N) residuals are saved besides the inputs.
+
+    Small logits (at most ``SMALL_LOGITS`` elements, 256 KiB of float32; eager, float32/float64)
+    are the exception: there the cost is the number of operations, not their size, so the
+    forward pass computes the gradient for a unit cotangent from its own exponentials
+    (``_math.forward(g=1)``, a few more operations) and keeps it, and the backward only
+    scales it by the cotangent, instead of a second pass of about ten operations.
+    """
 
     @staticmethod
     def forward(ctx, cfg, logits, target, weight, where):
-        out, res = _math.forward(xpt, cfg, logits, target, weight, where)
         ctx.cfg = cfg
+        ctx.fused = (
+            logits.numel() <= SMALL_LOGITS
+            and logits.dtype in (torch.float32, torch.float64)
+            and ctx.needs_input_grad[1]
+            and not ctx.needs_input_grad[2]
+            and not cfg.return_lse
+            and not torch.compiler.is_compiling()
+        )
+        if ctx.fused:
+            out, _, dz = _math.forward(xpt, cfg, logits, target, weight, where, g=1.0)
+            ctx.save_for_backward(dz)
+            return out
+        out, res = _math.forward(xpt, cfg, logits, target, weight, where)
         # Residuals are O(N) tensors or Python floats; save_for_backward takes tensors.
         ctx.floats = [None if isinstance(r, torch.Tensor) else r for r in res]
         tensors = [r if isinstance(r, torch.Tensor) else None for r in res]
@@ -30,6 +51,11 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_lse=None):
+        if ctx.fused:  # the gradient for a unit cotangent, kept by the forward; linear in the cotangent
+            (dz,) = ctx.saved_tensors
+            if ctx.cfg.reduction == "none":
+                g = g.unsqueeze(ctx.cfg.axis)
+            return None, dz * g, None, None, None
         logits, target, weight, *tensors = ctx.saved_tensors
         res = _math.Residuals(*(t if f is None else f for t, f in zip(tensors, ctx.floats, strict=True)))
         dlogits, dtarget = _math.backward(
