@@ -139,7 +139,7 @@ def _as(module_asarray, kw):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_logit_gradients_agree(name):
+def test_logit_gradients_agree(name, monkeypatch):
     x, t, kw, ct = _case(name)
 
     # central differences of the NumPy loss (the cotangent-weighted sum for 'none')
@@ -156,18 +156,26 @@ def test_logit_gradients_agree(name):
         jnp.asarray(x)
     )
 
-    # torch autograd through the autograd.Function
+    # torch autograd through the autograd.Function: small logits keep the gradient computed in the
+    # forward pass; with SMALL_LOGITS = 0 the backward recomputes it from O(N) residuals, as for large ones
+    from xlsce import _torch_autograd
+
     kt = _as(torch.from_numpy, kw)
-    xt = torch.tensor(x, requires_grad=True)
-    lt = xlsce.cross_entropy(xt, torch.from_numpy(t), **kt)
-    lt.backward(torch.ones((), dtype=lt.dtype) if ct is None else torch.from_numpy(ct))
+    torch_runs = {}
+    for small in (_torch_autograd.SMALL_LOGITS, 0):
+        monkeypatch.setattr(_torch_autograd, "SMALL_LOGITS", small)
+        xt = torch.tensor(x, requires_grad=True)
+        lt = xlsce.cross_entropy(xt, torch.from_numpy(t), **kt)
+        lt.backward(torch.ones((), dtype=lt.dtype) if ct is None else torch.from_numpy(ct))
+        torch_runs["fused" if small else "two passes"] = (lt, xt.grad)
 
     assert np.all(np.isfinite(analytic))
     assert np.any(analytic != 0)
     xp_assert_close(analytic, fd, rtol=1e-6, atol=1e-8, err_msg="analytic vs finite differences")
     xp_assert_close(g_jax, analytic, rtol=1e-12, atol=1e-14, err_msg="jax.grad vs analytic")
-    xp_assert_close(xt.grad, analytic, rtol=1e-12, atol=1e-14, err_msg="torch autograd vs analytic")
-    xp_assert_close(lt, loss, rtol=1e-12, atol=1e-14, err_msg="torch loss vs numpy loss")
+    for path, (lt, grad) in torch_runs.items():
+        xp_assert_close(grad, analytic, rtol=1e-12, atol=1e-14, err_msg=f"torch autograd ({path}) vs analytic")
+        xp_assert_close(lt, loss, rtol=1e-12, atol=1e-14, err_msg=f"torch loss ({path}) vs numpy loss")
     # positions that do not count (ignored, masked) and classes out of play get exactly zero
     np.testing.assert_array_equal(analytic[np.isneginf(x)], 0.0)
 
