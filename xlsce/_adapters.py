@@ -50,8 +50,56 @@ def namespace(*arrays):
     key = tuple(type(a) for a in arrays)
     xp = _NAMESPACES.get(key)
     if xp is None:
-        xp = _NAMESPACES[key] = array_api_compat.array_namespace(*arrays)  # raises TypeError for mixed libraries
+        xp = array_api_compat.array_namespace(*arrays)  # raises TypeError for mixed libraries
+        if all(kind(a) == "numpy" for a in arrays):
+            xp = _numpy_namespace(xp)
+        _NAMESPACES[key] = xp
     return xp
+
+
+@functools.cache
+def _numpy_namespace(base):
+    """array-api-compat's NumPy namespace (which is NumPy's own functions, mostly), with the calls
+    that every loss makes bound to what they run underneath: ``np.sum(x, axis=, keepdims=)`` is
+    ``np.add.reduce(x, axis=, keepdims=)`` behind Python layers that cost microseconds a call, as
+    much as the reduction itself on a small problem.  Same results, same dtypes."""
+    import types
+
+    import numpy as np
+
+    def sum(x, /, *, axis=None, dtype=None, keepdims=False):  # noqa: A001 (the array API's name)
+        return np.add.reduce(x, axis=axis, dtype=dtype, keepdims=keepdims)
+
+    def max(x, /, *, axis=None, keepdims=False):  # noqa: A001
+        return np.maximum.reduce(x, axis=axis, keepdims=keepdims)
+
+    def min(x, /, *, axis=None, keepdims=False):  # noqa: A001
+        return np.minimum.reduce(x, axis=axis, keepdims=keepdims)
+
+    def expand_dims(x, /, *, axis=0):
+        if not isinstance(axis, int) or not -x.ndim - 1 <= axis <= x.ndim:
+            return base.expand_dims(x, axis=axis)  # its error
+        axis %= x.ndim + 1
+        return x.reshape(x.shape[:axis] + (1,) + x.shape[axis:])
+
+    ns = types.ModuleType("xlsce._numpy", base.__doc__)
+    ns.__dict__.update(base.__dict__)
+    ns.__dict__.update(sum=sum, max=max, min=min, expand_dims=expand_dims)
+    return ns
+
+
+_DTYPE_KINDS = {}  # (namespace, dtype, kind) -> bool
+
+
+def isdtype(xp, dtype, kind) -> bool:
+    """``xp.isdtype(dtype, kind)``, remembered per namespace and dtype (a dtype's kind never changes)."""
+    try:
+        return _DTYPE_KINDS[(xp, dtype, kind)]
+    except KeyError:
+        result = _DTYPE_KINDS[(xp, dtype, kind)] = bool(xp.isdtype(dtype, kind))
+    except TypeError:  # an unhashable dtype object
+        result = bool(xp.isdtype(dtype, kind))
+    return result
 
 
 def is_torch(x) -> bool:
@@ -210,6 +258,8 @@ def min_max(xp, x):
     if is_torch(x):
         lo, hi = x.aminmax()  # one pass instead of two
         return lo.item(), hi.item()
+    if is_numpy(x):
+        return x.min().item(), x.max().item()  # the methods: fewer Python layers than np.min
     return xp.min(x).item(), xp.max(x).item()
 
 

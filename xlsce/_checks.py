@@ -94,7 +94,7 @@ def validate(
         libs = {name: type(v).__module__.split(".")[0] for name, v in named if v is not None}
         raise TypeError(f"logits, target, weight and where must come from one array library, got {libs}") from e
 
-    if not xp.isdtype(logits.dtype, "real floating"):
+    if not _adapters.isdtype(xp, logits.dtype, "real floating"):
         raise TypeError(f"logits must have a real floating dtype, got {logits.dtype}")
     ndim = logits.ndim
     if ndim < 1:
@@ -109,14 +109,14 @@ def validate(
 
     eps, z_loss, softcap = _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "K")
 
-    if xp.isdtype(target.dtype, "integral"):
+    if _adapters.isdtype(xp, target.dtype, "integral"):
         soft = False
         if tuple(target.shape) != positions:
             raise ValueError(
                 f"target of class indices must have the logits' shape without the class axis {positions}, "
                 f"got {tuple(target.shape)} (logits {tuple(logits.shape)}, axis={axis})"
             )
-    elif xp.isdtype(target.dtype, "real floating"):
+    elif _adapters.isdtype(xp, target.dtype, "real floating"):
         soft = True
         if tuple(target.shape) != tuple(logits.shape):
             raise ValueError(
@@ -151,7 +151,7 @@ def validate(
 def _check_weight_where(xp, weight, where, k, positions):
     """The class weights: (k,) floating, no gradient asked; the mask: boolean of the positions' shape."""
     if weight is not None:
-        if not xp.isdtype(weight.dtype, "real floating"):
+        if not _adapters.isdtype(xp, weight.dtype, "real floating"):
             raise TypeError(f"weight must have a real floating dtype, got {weight.dtype}")
         if tuple(weight.shape) != (k,):
             raise ValueError(f"weight must have shape ({k},) (one per class), got {tuple(weight.shape)}")
@@ -235,7 +235,7 @@ def validate_linear(
             f"hidden, classifier, bias, target, weight and where must come from one array library, got {libs}"
         ) from e
 
-    if not xp.isdtype(hidden.dtype, "real floating"):
+    if not _adapters.isdtype(xp, hidden.dtype, "real floating"):
         raise TypeError(f"hidden must have a real floating dtype, got {hidden.dtype}")
     if hidden.ndim < 1:
         raise ValueError("hidden must have shape (..., H) with at least one dimension, got a 0-d array")
@@ -256,12 +256,12 @@ def validate_linear(
         if tuple(bias.shape) != (k,):
             raise ValueError(f"bias must have shape ({k},) (one per class), got {tuple(bias.shape)}")
 
-    if xp.isdtype(target.dtype, "real floating"):
+    if _adapters.isdtype(xp, target.dtype, "real floating"):
         raise ValueError(
             "linear_cross_entropy takes class indices only: probability targets have the shape of the (N, V) "
             "logits that it avoids building; use cross_entropy(hidden @ classifier.T, target) instead"
         )
-    if not xp.isdtype(target.dtype, "integral"):
+    if not _adapters.isdtype(xp, target.dtype, "integral"):
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
     if tuple(target.shape) != positions:
         raise ValueError(
