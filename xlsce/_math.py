@@ -231,8 +231,11 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, w_y, gs=None, out=No
     where the compiler fuses them).
     """
     ax = cfg.axis
-    z = capped_logits(xp, cfg, logits)
-    dt = z.dtype
+    dt = compute_dtype(xp, logits.dtype)
+    eager = _ops.can_branch(logits)
+    # Eager without a soft-cap, half-precision logits are converted by the shift itself (z - m with m
+    # in the compute dtype), not by a pass of their own; traced, the compiler fuses the conversion.
+    z = logits if eager and cfg.softcap is None else capped_logits(xp, cfg, logits)
     w = None if wv is None else _along(xp, wv, ax, z.ndim)
     if cfg.soft:
         t = xp.astype(target, dt, copy=False)
@@ -243,7 +246,8 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, w_y, gs=None, out=No
     # Eager with row sums to take (smoothing, soft targets), a -inf row maximum shows in them as NaN:
     # one check of the sums covers both.
     m = xp.max(z, axis=ax, keepdims=True)
-    eager = _ops.can_branch(z)
+    if m.dtype != dt:
+        m = xp.astype(m, dt)  # the maximum of half-precision values is exact in float32
     row_sums = cfg.eps > 0 or cfg.soft
     masked = not eager or (not row_sums and not _ops.all_finite(xp, m))
     if masked:
@@ -416,10 +420,11 @@ def _position_grad(xp, cfg: Config, logits, target, y, w, lse, alpha, beta, gamm
     exponential.
     """
     ax = cfg.axis
-    z = capped_logits(xp, cfg, logits) if z is None else z
-    dt = z.dtype
+    dt = compute_dtype(xp, logits.dtype)
+    if z is None:  # eager without a soft-cap, the subtraction below converts half-precision logits
+        z = logits if cfg.softcap is None and _ops.can_branch(logits) else capped_logits(xp, cfg, logits)
     if e is None:
-        dz = _ops.exp_(xp, z - lse)  # softmax, in a buffer of ours
+        dz = _ops.exp_(xp, _ops.subtract(xp, z, lse))  # softmax, in a buffer of ours (compute dtype)
         dz = _ops.imul(dz, alpha)
     else:
         dz = _ops.imul(e[0], e[1])
