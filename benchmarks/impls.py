@@ -39,6 +39,7 @@ class Bound:
     loss_value: Callable  # result of fwd -> Python float
     grad_l1: Callable  # gradient -> Python float (sum of |g|, accumulated in float64/float32)
     memory_analysis: Callable | None = None  # JAX: compiled fwdbwd's memory analysis
+    compiled_text: Callable | None = None  # JAX: compiled fwdbwd's optimised HLO (benchmarks.profile)
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ def _bind_jax(impl: Impl, arrays):
         loss_value=float,
         grad_l1=lambda g: float(l1(g)),
         memory_analysis=memory_analysis,
+        compiled_text=lambda: fg.lower(z, y, w).compile().as_text(),
     )
 
 

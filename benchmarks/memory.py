@@ -20,6 +20,12 @@ from .cases import Case, make_inputs, use_source
 from .impls import find_impl, to_backend
 
 
+# glibc: every allocation of at least 128 KiB is its own mapping, unmapped when freed, so that RSS
+# follows the live buffers (the default thresholds adapt to what is freed, and whether freed memory
+# stayed in the heap for the measured call to reuse varied from process to process).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 def status_kib(field):
     """A field of /proc/self/status (VmRSS, VmHWM, ...) in KiB."""
     with open("/proc/self/status") as f:
@@ -87,7 +93,7 @@ def measure_here(spec):
 def measure_subprocess(impl, case: Case, timeout=600):
     """Run :func:`measure_here` in a fresh interpreter; the record, or {'error': ...}."""
     spec = {"impl": impl.key, **case.to_json()}
-    env = dict(os.environ)
+    env = dict(os.environ, **MALLOC_ENV)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     try:

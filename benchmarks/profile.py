@@ -4,7 +4,10 @@
 prints torch.profiler's table (self CPU time per aten op) of the eager
 forward+backward of xlsce and of ``F.cross_entropy``;
 ``--backend numpy`` prints cProfile's table (time per NumPy call) of
-``xlsce.value_and_grad`` and of the hand-written NumPy reference.
+``xlsce.value_and_grad`` and of the hand-written NumPy reference;
+``--backend jax`` prints XLA's own trace of ``jit(value_and_grad)`` for xlsce
+and optax's integer formula: the median time of each compiled kernel per call,
+and the threads XLA splits it across (``outer_dimension_partitions``).
 ``--ops`` instead times single passes over an (N, K) array (a reduction, a
 broadcast subtract, exp, in-place exp, where, ...): the price list from which
 a kernel's time can be estimated by counting its passes (``--backend jax``:
@@ -40,15 +43,15 @@ def main(argv=None):
     case = Case(*args.shape, args.dtype, args.variant)
     if args.ops:
         return price_list(args.backend, case)
-    if args.backend == "jax":
-        p.error("--backend jax takes --ops only (XLA's own profiler sees inside a jit-compiled call)")
-    default = ["xlsce", "F.cross_entropy"] if args.backend == "torch" else ["xlsce", "handwritten"]
+    default = {"torch": ["xlsce", "F.cross_entropy"], "numpy": ["xlsce", "handwritten"], "jax": ["xlsce", "optax-int"]}
     arrays = to_backend(args.backend, case, *make_inputs(case))
-    for name in args.impl or default:
+    for name in args.impl or default[args.backend]:
         bound = find_impl(f"{args.backend}:{name}").bind(arrays)
-        bound.fwdbwd()  # warm-up
+        bound.sync(bound.fwdbwd())  # warm-up
         print(f"\n=== {args.backend}:{name} forward+backward, {case.label}, {args.calls} calls ===")
-        if args.backend == "torch":
+        if args.backend == "jax":
+            _jax_kernels(bound, args.calls, args.rows)
+        elif args.backend == "torch":
             import torch
 
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -64,6 +67,42 @@ def main(argv=None):
                 bound.fwdbwd()
             pr.disable()
             pstats.Stats(pr).sort_stats("tottime").print_stats(args.rows)
+
+
+def _jax_kernels(bound, calls, rows):
+    """XLA's trace of ``calls`` calls (``jax.profiler``, as Perfetto JSON): median time per kernel."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+    import tempfile
+
+    import jax
+
+    text = bound.compiled_text()
+    threads = {}  # kernel -> threads XLA splits it across
+    for line in text.splitlines():
+        kernel = re.match(r"\s*%?([\w.-]+) = \S+ (fusion|dot)\(", line)
+        if kernel:
+            parts = re.search(r'outer_dimension_partitions":\["?(\d*)', line)
+            threads[kernel[1]] = (parts[1] if parts else "") or "1"
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            for _ in range(calls):
+                bound.sync(bound.fwdbwd())
+        (path,) = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    kernels = collections.defaultdict(list)
+    for e in events:
+        name = e["name"]
+        if name in threads or name == "ThunkExecutor::Execute" or re.fullmatch(r"(cond|copy)[.\d]*", name):
+            kernels[name].append(e.get("dur", 0) / 1e3)
+    print(f"{'kernel':40s} {'ms/call':>9s} {'threads':>8s}")
+    for name, durations in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+        per_call = sum(durations) / calls
+        print(f"{name:40s} {per_call:9.3f} {threads.get(name, ''):>8s}")
 
 
 def price_list(backend, case):

@@ -85,3 +85,19 @@ def test_markdown_tables(run):
     rows = [ln for ln in md.splitlines() if ln.startswith("| 200x300 float32 masked |")]
     assert len(rows) >= 2 * len(BACKENDS)  # at least xlsce and one anchor per backend
     assert "MISMATCH" not in md and "| error:" not in md
+
+
+@pytest.mark.skipif("jax" not in BACKENDS, reason="jax not installed")
+def test_jax_kernel_profile():
+    # python -m benchmarks.profile --backend jax: XLA's trace, one line per compiled kernel of each
+    # implementation, with its time per call and the threads it is split across
+    cmd = [sys.executable, "-m", "benchmarks.profile", "--backend", "jax", "--shape", "64x10", "--calls", "2"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sections = proc.stdout.split("=== jax:")[1:]
+    assert [s.split()[0] for s in sections] == ["xlsce", "optax-int"]
+    for section in sections:
+        rows = [ln.split() for ln in section.splitlines() if ln and ln.split()[-1].isdigit()]
+        assert rows, section  # kernels with a thread count
+        assert all(float(r[-2]) >= 0 for r in rows)

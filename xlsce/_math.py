@@ -24,7 +24,8 @@ where ``t`` is the one-hot of the class index or the given probabilities, and
 so that exclusive at eps is uniform at eps*K'/(K'-1).  With every logit
 finite, K' = K and these are PyTorch's (uniform) and fairseq's (exclusive)
 formulas.  Nothing of shape (N, K) is kept between forward and backward: the
-residuals are a handful of per-position vectors.
+residuals are a handful of per-position vectors (the one exception, small eager
+PyTorch logits, is in ``xlsce/_torch_autograd.py``).
 """
 
 from __future__ import annotations
