@@ -166,9 +166,13 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, gr
     )
     dz, (loss, lse, coef, a_res, b, masked, lse_out) = (parts[0], parts[1:]) if g is not None else (None, parts)
 
-    # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf).
+    # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf); eager with the row sums
+    # checked finite (every logit finite, so every loss term), by a product: one cheap operation.
     if valid is not None:
-        loss = xp.where(valid, loss, 0.0)
+        if not masked and (cfg.eps > 0 or cfg.soft) and _ops.can_branch(loss):
+            loss = loss * xp.astype(valid, loss.dtype)
+        else:
+            loss = xp.where(valid, loss, 0.0)
     if cfg.reduction == "none":
         out = xp.squeeze(loss, axis=ax)
     elif cfg.reduction == "sum" or (isinstance(d, float) and d == 1):
