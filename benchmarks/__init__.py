@@ -11,6 +11,9 @@ What is measured, per case (shape (N, K), dtype, variant) and implementation:
   runs after a warm-up, in one process, on the same inputs.  Each run times a
   loop of calls long enough (``--min-time``) that timer resolution does not
   matter, and reports the time per call; JAX results are blocked on each call.
+  The implementations of a case are timed in turns (run 1 of each, then run 2 of
+  each, ...), so that a slow spell of the shared machine falls on all of them,
+  not on whichever was being timed: the ratios are what the targets are about.
 * peak memory of the forward+backward, net of the inputs (so it includes the
   gradient that must be returned), also as a multiple of the logits' size:
 

@@ -19,7 +19,6 @@ import warnings
 from .cases import Case, make_inputs, use_source
 from .impls import find_impl, to_backend
 
-
 # glibc: every allocation of at least 128 KiB is its own mapping, unmapped when freed, so that RSS
 # follows the live buffers (the default thresholds adapt to what is freed, and whether freed memory
 # stayed in the heap for the measured call to reuse varied from process to process).

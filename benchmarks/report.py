@@ -216,7 +216,7 @@ def markdown(doc):
         "",
         "label_smoothing=0.1, reduction='mean'; *masked* = class weights and 10% ignored positions. "
         "Times: median of "
-        f"{doc['settings']['runs']} runs after a warm-up, per call. Memory: peak net of the inputs during one "
+        f"{doc['settings']['runs']} runs after a warm-up, per call, the implementations of a case timed in turns. Memory: peak net of the inputs during one "
         "forward+backward (so it includes the returned gradient), as a multiple of the logits' size; "
         "PyTorch/NumPy measured in a fresh process per case (RSS high-water mark), JAX from XLA's memory analysis. "
         "See `benchmarks/__init__.py` for the method.",

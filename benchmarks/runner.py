@@ -19,7 +19,7 @@ from . import report
 from .cases import CACHE_ENV, SOURCE_ENV, default_cases, make_inputs, parse_shape, use_source
 from .impls import IMPLS, available_backends, to_backend
 from .memory import jax_memory, measure_subprocess
-from .timing import measure
+from .timing import measure_interleaved
 
 
 def parse_args(argv=None):
@@ -121,33 +121,49 @@ def select_impls(args):
     return out
 
 
-def run_one(impl, case, arrays, args):
-    rec = {"backend": impl.backend, "impl": impl.name, "role": impl.role, "description": impl.description}
-    rec.update(case.to_json())
-    try:
-        bound = impl.bind(arrays)
-        t0 = time.perf_counter()
-        loss, grad = bound.sync(bound.fwdbwd())
-        rec["first_call_s"] = time.perf_counter() - t0
-        rec["loss"] = bound.loss_value(loss)
-        rec["grad_l1"] = bound.grad_l1(grad)
-        del loss, grad
-        # the first call above was the forward+backward's warm-up
-        rec["fwdbwd"] = measure(bound.fwdbwd, bound.sync, runs=args.runs, min_time=args.min_time, warmup=0)
-        rec["fwd"] = measure(bound.fwd, bound.sync, runs=args.runs, min_time=args.min_time)
+def run_case(impls, case, arrays, args):
+    """The records of ``impls`` on one case: each checked (first call: loss and gradient), then all
+    timed in turns, forward+backward then forward (:func:`timing.measure_interleaved`), then memory."""
+    recs, bounds = {}, {}
+    for impl in impls:
+        rec = {"backend": impl.backend, "impl": impl.name, "role": impl.role, "description": impl.description}
+        rec.update(case.to_json())
+        recs[impl.key] = rec
+        try:
+            bound = impl.bind(arrays)
+            t0 = time.perf_counter()
+            loss, grad = bound.sync(bound.fwdbwd())
+            rec["first_call_s"] = time.perf_counter() - t0
+            rec["loss"] = bound.loss_value(loss)
+            rec["grad_l1"] = bound.grad_l1(grad)
+            del loss, grad
+            bounds[impl.key] = bound
+        except Exception as e:  # one failing implementation must not stop the run
+            rec["error"] = f"{type(e).__name__}: {e}"[:500]
+    for phase in ("fwdbwd", "fwd"):
+        calls = {key: (getattr(bound, phase), bound.sync) for key, bound in bounds.items()}
+        for key, timed in measure_interleaved(calls, runs=args.runs, min_time=args.min_time).items():
+            if "error" in timed:
+                recs[key]["error"] = timed["error"]
+                del bounds[key]
+            else:
+                recs[key][phase] = timed
+    for impl in impls:
+        bound = bounds.get(impl.key)
         if (
-            not args.no_memory
+            bound is not None
+            and not args.no_memory
             and case.n * case.k >= args.memory_min_size
             and (args.memory_compiled or not impl.compiled)
         ):
-            if impl.backend == "jax":
-                rec["memory"] = jax_memory(bound, case)
-            else:
-                rec["memory"] = measure_subprocess(impl, case)
-        del bound
-    except Exception as e:  # one failing implementation must not stop the run
-        rec["error"] = f"{type(e).__name__}: {e}"[:500]
-    return rec
+            try:
+                recs[impl.key]["memory"] = (
+                    jax_memory(bound, case) if impl.backend == "jax" else measure_subprocess(impl, case)
+                )
+            except Exception as e:  # noqa: BLE001
+                recs[impl.key]["memory"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    bounds.clear()
+    return [recs[impl.key] for impl in impls]
 
 
 def _free(backend):
@@ -170,15 +186,15 @@ def run_backend(backend, tasks, args, offset, total, start):
         by_case.setdefault(case, []).append(impl)
     for case, mine in by_case.items():
         arrays = to_backend(backend, case, *make_inputs(case))
-        for impl in mine:
-            t0 = time.perf_counter()
-            rec = run_one(impl, case, arrays, args)
+        t0 = time.perf_counter()
+        for impl, rec in zip(mine, run_case(mine, case, arrays, args), strict=True):
             done += 1
             log(
                 f"[{done}/{total} {time.perf_counter() - start:6.0f}s] {impl.key:30s} {case.label:28s} "
-                f"{report.brief(rec)} ({time.perf_counter() - t0:.1f}s)"
+                f"{report.brief(rec)}"
             )
             yield rec
+        log(f"    ({case.label}: {len(mine)} implementations in {time.perf_counter() - t0:.1f}s)")
         del arrays
         _free(backend)
 

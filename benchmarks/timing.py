@@ -1,4 +1,9 @@
-"""Median wall-clock time per call, after a warm-up, in this process."""
+"""Median wall-clock time per call, after a warm-up, in this process.
+
+:func:`measure_interleaved` times several implementations of one case in turns
+(run 1 of each, then run 2 of each, ...), so that a slow spell of the shared
+machine lands on all of them rather than on whichever was being timed.
+"""
 
 from __future__ import annotations
 
@@ -35,3 +40,45 @@ def measure(fn, sync, *, runs: int = 5, min_time: float = 0.05, warmup: int = 1)
     finally:
         gc.enable()
     return {"median_s": statistics.median(times), "min_s": min(times), "runs_s": times, "inner": inner}
+
+
+def measure_interleaved(calls, *, runs: int = 5, min_time: float = 0.05):
+    """Time several ``(fn, sync)`` pairs (a dict name -> pair) in turns, after one warm-up call each.
+
+    Each gets its own inner loop (sized as in :func:`measure`); then ``runs`` rounds
+    time one run of each, in order.  Returns name -> the record of :func:`measure`,
+    or ``{"error": ...}`` for a pair whose call raised (the others go on).
+    """
+    inner, times, errors = {}, {}, {}
+    for name, (fn, sync) in calls.items():
+        try:
+            sync(fn())  # warm-up
+            gc.collect()
+            t0 = time.perf_counter()
+            sync(fn())
+            single = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 (one failing implementation must not stop the others)
+            errors[name] = f"{type(e).__name__}: {e}"[:500]
+            continue
+        inner[name] = max(1, math.ceil(min_time / max(single, 1e-9)))
+        times[name] = []
+    for _ in range(runs):
+        for name in list(times):
+            fn, sync = calls[name]
+            gc.collect()
+            gc.disable()
+            try:
+                t0 = time.perf_counter()
+                for _ in range(inner[name]):
+                    out = sync(fn())
+                times[name].append((time.perf_counter() - t0) / inner[name])
+                del out
+            except Exception as e:  # noqa: BLE001
+                errors[name] = f"{type(e).__name__}: {e}"[:500]
+                del times[name]
+            finally:
+                gc.enable()
+    out = {name: {"error": err} for name, err in errors.items()}
+    for name, ts in times.items():
+        out[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "runs_s": ts, "inner": inner[name]}
+    return out

@@ -91,14 +91,15 @@ def _numpy_namespace(base):
 _DTYPE_KINDS = {}  # (namespace, dtype, kind) -> bool
 
 
-def isdtype(xp, dtype, kind) -> bool:
-    """``xp.isdtype(dtype, kind)``, remembered per namespace and dtype (a dtype's kind never changes)."""
+def isdtype(xp, dtype, category) -> bool:
+    """``xp.isdtype(dtype, category)``, remembered per namespace and dtype (a dtype's kind never changes)."""
+    key = (xp, dtype, category)
     try:
-        return _DTYPE_KINDS[(xp, dtype, kind)]
+        return _DTYPE_KINDS[key]
     except KeyError:
-        result = _DTYPE_KINDS[(xp, dtype, kind)] = bool(xp.isdtype(dtype, kind))
+        result = _DTYPE_KINDS[key] = bool(xp.isdtype(dtype, category))
     except TypeError:  # an unhashable dtype object
-        result = bool(xp.isdtype(dtype, kind))
+        result = bool(xp.isdtype(dtype, category))
     return result
 
 
@@ -379,9 +380,8 @@ def _row_dot(xp, a, v, axis):
             import numpy as np
 
             return xp.expand_dims(np.einsum("...k,k->...", a, v), axis=axis)
-        return xp.expand_dims(
-            a @ v, axis=axis
-        )  # one BLAS pass, no temporary (the operator: compat's matmul costs more)
+        # one BLAS pass, no temporary (the operator: array-api-compat's matmul adds microseconds)
+        return xp.expand_dims(a @ v, axis=axis)
     return xp.sum(a * v, axis=axis, keepdims=True)
 
 
@@ -461,9 +461,8 @@ def loss(xp, cfg: _math.Config, logits, target, weight, where):
         import torch
 
         if torch.is_grad_enabled() and (logits.requires_grad or target.requires_grad):
-            from . import (
-                _torch_autograd,  # a module, imported here: torch.compile runs an import, not a class statement
-            )
+            # a module, imported here: torch.compile runs an import, not a class statement
+            from . import _torch_autograd
 
             return _torch_autograd.CrossEntropyFunction.apply(cfg, logits, target, weight, where)
         # nothing to differentiate: the forward alone, without autograd.Function's bookkeeping
