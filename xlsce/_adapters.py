@@ -88,12 +88,13 @@ def _numpy_namespace(base):
     return ns
 
 
-_DTYPE_KINDS = {}  # (namespace, dtype, kind) -> bool
+_DTYPE_KINDS = {}  # (dtype, kind) -> bool
 
 
 def isdtype(xp, dtype, category) -> bool:
-    """``xp.isdtype(dtype, category)``, remembered per namespace and dtype (a dtype's kind never changes)."""
-    key = (xp, dtype, category)
+    """``xp.isdtype(dtype, category)``, remembered per dtype (a dtype object's kind never changes; the
+    namespace is not part of the key, which torch.compile could not compare)."""
+    key = (dtype, category)
     try:
         return _DTYPE_KINDS[key]
     except KeyError:
