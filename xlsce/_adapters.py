@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import array_api_compat
 
@@ -88,13 +89,16 @@ def _numpy_namespace(base):
     return ns
 
 
-_DTYPE_KINDS = {}  # (dtype, kind) -> bool
+_DTYPE_KINDS = {}  # (namespace, dtype, kind) -> bool
 
 
 def isdtype(xp, dtype, category) -> bool:
-    """``xp.isdtype(dtype, category)``, remembered per dtype (a dtype object's kind never changes; the
-    namespace is not part of the key, which torch.compile could not compare)."""
-    key = (dtype, category)
+    """``xp.isdtype(dtype, category)``, remembered per namespace and dtype (a dtype's kind never
+    changes).  Not while torch.compile traces: dynamo cannot compare the keys (modules, NumPy dtypes)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.compiler.is_compiling():
+        return bool(xp.isdtype(dtype, category))
+    key = (xp, dtype, category)
     try:
         return _DTYPE_KINDS[key]
     except KeyError:
