@@ -282,3 +282,15 @@ def test_target_gradient_matches_torch_functional(eps, reduction):
         grads.append((xt.grad, tt.grad))
     xp_assert_close(grads[1][0], grads[0][0], err_msg="logit gradient")
     xp_assert_close(grads[1][1], grads[0][1], err_msg="target gradient")
+
+
+@pytest.mark.parametrize("n", [4, 300])  # the small path (gradient kept) and the two-pass backward
+def test_torch_second_order_raises(n):
+    # the analytic backward is first order only: differentiating the gradient must fail loudly (today
+    # through autograd's in-place checks, or a gradient without grad_fn), not return the Hessian of a
+    # backward whose log-sum-exp is held constant
+    z = torch.randn(n, 300, dtype=torch.float64, requires_grad=True)
+    loss = xlsce.cross_entropy(z, torch.randint(0, 300, (n,)), label_smoothing=0.1)
+    (grad,) = torch.autograd.grad(loss, z, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad((grad**2).sum(), z)

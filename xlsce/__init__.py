@@ -68,6 +68,9 @@ def cross_entropy(
     \operatorname{softmax}(z) - w \odot q`; on PyTorch and JAX autograd runs that
     analytic backward and keeps only O(N) values besides the logits (on PyTorch, eager logits of
     at most 2**16 elements keep their gradient from the forward pass instead: fewer operations).
+    That backward gives first derivatives only: second derivatives (``create_graph=True``, then
+    differentiating the gradient) are not supported; PyTorch raises a RuntimeError (from its
+    in-place checks) rather than returning a Hessian.
 
     Args:
       logits: floating array of any array-API library, classes along ``axis``.
