@@ -25,13 +25,14 @@ What is measured, per case (shape (N, K), dtype, variant) and implementation:
     the ``resource.getrusage`` ru_maxrss delta is used instead (it then also counts
     the warm-up call).  For NumPy the tracemalloc peak of the call is recorded too
     (NumPy reports its buffers to tracemalloc), which is exact and page-independent.
-    The process runs with glibc's ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``
-    fixed at 128 KiB, so that every large buffer is mapped when allocated and
-    unmapped when freed: RSS then follows the live buffers.  With glibc's default
-    (a threshold that adapts to the sizes freed), whether freed memory was kept in
-    the heap, and reused by the measured call, changed from process to process: the
-    same bfloat16 case measured 0.23x, 1.02x and 1.92x the logits in four runs, and
-    1.04x every time with the fixed thresholds.
+    ``python -m benchmarks`` starts that process with glibc's ``MALLOC_MMAP_THRESHOLD_``
+    and ``MALLOC_TRIM_THRESHOLD_`` fixed at 128 KiB (``memory.MALLOC_ENV``), so that every
+    large buffer is mapped when allocated and unmapped when freed: RSS then follows the
+    live buffers.  With glibc's default (a threshold that adapts to the sizes freed),
+    whether freed memory was kept in the heap, and reused by the measured call, changed
+    from process to process: ``python -m benchmarks.memory`` on the same bfloat16 case
+    read 1.92x, 0.23x, 1.02x and 1.92x the logits in four runs, and 1.04x every time
+    with the two variables set to 131072 in its environment.
   - JAX: ``jax.jit(f).lower(...).compile().memory_analysis()``: temp + output -
     alias bytes (what XLA allocates besides the arguments).
 

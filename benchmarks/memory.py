@@ -4,6 +4,8 @@
 prints one JSON line.  The method is described in :mod:`benchmarks`: build the
 inputs, call once (warm-up), reset the peak-RSS counter, call again holding the
 outputs, and report VmHWM - VmRSS(before).  NumPy also gets the tracemalloc peak.
+Run by hand it keeps the caller's environment; ``python -m benchmarks`` starts it
+with ``MALLOC_ENV`` (glibc reads those variables when the process starts).
 """
 
 from __future__ import annotations

@@ -79,6 +79,15 @@ def capped_logits(xp, cfg: Config, logits):
     return z
 
 
+def _shift_input(xp, cfg: Config, logits):
+    """The logits as the shift (z - m, z - lse) reads them: eager without a soft-cap, as they are (the
+    subtraction with a compute-dtype operand converts half-precision logits, no pass of its own);
+    otherwise :func:`capped_logits` (traced, the compiler fuses the conversion)."""
+    if cfg.softcap is None and _ops.can_branch(logits):
+        return logits
+    return capped_logits(xp, cfg, logits)
+
+
 def _along(xp, v, axis, ndim):
     """A (K,) vector reshaped to broadcast along ``axis`` of an ``ndim`` array."""
     return xp.reshape(v, tuple(-1 if i == axis else 1 for i in range(ndim)))
@@ -177,11 +186,13 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, gr
         out = xp.squeeze(loss, axis=ax)
     elif cfg.reduction == "sum" or (isinstance(d, float) and d == 1):
         out = xp.sum(loss)
-    elif isinstance(d, float):  # a mean over nothing decided in Python
-        if d != 0 and d == math.prod(loss.shape):
+    elif isinstance(d, float):  # the denominator known in Python
+        if d == 0:  # a mean over nothing
+            out = xp.zeros((), dtype=dt, device=_ops.device(loss))
+        elif d == math.prod(loss.shape):
             out = xp.mean(loss)  # every position counts once: one operation
         else:
-            out = xp.sum(loss) / d if d != 0 else xp.zeros((), dtype=dt, device=_ops.device(loss))
+            out = xp.sum(loss) / d
     else:
         nothing = d == 0
         out = xp.where(nothing, 0.0, xp.sum(loss) / xp.where(nothing, 1.0, d))
@@ -238,9 +249,7 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, w_y, gs=None, out=No
     ax = cfg.axis
     dt = compute_dtype(xp, logits.dtype)
     eager = _ops.can_branch(logits)
-    # Eager without a soft-cap, half-precision logits are converted by the shift itself (z - m with m
-    # in the compute dtype), not by a pass of their own; traced, the compiler fuses the conversion.
-    z = logits if eager and cfg.softcap is None else capped_logits(xp, cfg, logits)
+    z = _shift_input(xp, cfg, logits)
     w = None if wv is None else _along(xp, wv, ax, z.ndim)
     if cfg.soft:
         t = xp.astype(target, dt, copy=False)
@@ -426,8 +435,7 @@ def _position_grad(xp, cfg: Config, logits, target, y, w, lse, alpha, beta, gamm
     """
     ax = cfg.axis
     dt = compute_dtype(xp, logits.dtype)
-    if z is None:  # eager without a soft-cap, the subtraction below converts half-precision logits
-        z = logits if cfg.softcap is None and _ops.can_branch(logits) else capped_logits(xp, cfg, logits)
+    z = _shift_input(xp, cfg, logits) if z is None else z
     if e is None:
         dz = _ops.exp_(xp, _ops.subtract(xp, z, lse))  # softmax, in a buffer of ours (compute dtype)
         dz = _ops.imul(dz, alpha)
