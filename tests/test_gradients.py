@@ -152,9 +152,19 @@ def test_logit_gradients_agree(name, monkeypatch):
     kj = _as(jnp.asarray, kw)
     tj = jnp.asarray(t)
     ctj = None if ct is None else jnp.asarray(ct)
-    g_jax = jax.grad(lambda z: jnp.sum(xlsce.cross_entropy(z, tj, **kj) * (1.0 if ctj is None else ctj)))(
-        jnp.asarray(x)
-    )
+
+    def jax_grad():
+        return jax.grad(lambda z: jnp.sum(xlsce.cross_entropy(z, tj, **kj) * (1.0 if ctj is None else ctj)))(
+            jnp.asarray(x)
+        )
+
+    # small logits subtract the target's term with a scatter; with SMALL_LOGITS = 0 a select, as large ones
+    from xlsce import _adapters
+
+    g_jax = jax_grad()
+    monkeypatch.setattr(_adapters, "SMALL_LOGITS", 0)
+    g_jax_select = jax_grad()
+    monkeypatch.undo()
 
     # torch autograd through the autograd.Function: small logits keep the gradient computed in the
     # forward pass; with SMALL_LOGITS = 0 the backward recomputes it from O(N) residuals, as for large ones
@@ -173,6 +183,7 @@ def test_logit_gradients_agree(name, monkeypatch):
     assert np.any(analytic != 0)
     xp_assert_close(analytic, fd, rtol=1e-6, atol=1e-8, err_msg="analytic vs finite differences")
     xp_assert_close(g_jax, analytic, rtol=1e-12, atol=1e-14, err_msg="jax.grad vs analytic")
+    xp_assert_close(g_jax_select, analytic, rtol=1e-12, atol=1e-14, err_msg="jax.grad (select) vs analytic")
     for path, (lt, grad) in torch_runs.items():
         xp_assert_close(grad, analytic, rtol=1e-12, atol=1e-14, err_msg=f"torch autograd ({path}) vs analytic")
         xp_assert_close(lt, loss, rtol=1e-12, atol=1e-14, err_msg=f"torch loss ({path}) vs numpy loss")

@@ -12,9 +12,7 @@ import torch
 from array_api_compat import torch as xpt
 
 from . import _linear, _math
-from ._adapters import _reported_lse, _torch_loop
-
-SMALL_LOGITS = 1 << 16  # elements: below, the gradient is computed in the forward pass and kept
+from ._adapters import SMALL_LOGITS, _reported_lse, _torch_loop
 
 
 class CrossEntropyFunction(torch.autograd.Function):
