@@ -436,6 +436,17 @@ def test_blocked_equals_whole(monkeypatch, name, kwargs):
         )
     for got, want in zip(results[name], results["array_api_strict"], strict=True):
         xp_assert_close(got, want, rtol=1e-12, atol=1e-14)
+    if name == "torch":  # autograd's two-pass backward, also by blocks (SMALL_LOGITS = 0: not the kept gradient)
+        import torch
+
+        from xlsce import _torch_autograd
+
+        monkeypatch.setattr(_torch_autograd, "SMALL_LOGITS", 0)
+        zt = torch.tensor(z, requires_grad=True)
+        loss = xlsce.cross_entropy(zt, a(t), axis=axis, **kw)
+        loss.backward(torch.ones((), dtype=loss.dtype) if cot is None else a(cot))
+        xp_assert_close(loss, results["array_api_strict"][0], rtol=1e-12, atol=1e-14)
+        xp_assert_close(zt.grad, results["array_api_strict"][1], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("weighted", [False, True])

@@ -423,10 +423,10 @@ def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None, first_is_block=Fa
     output of dtype ``out_dtype``) or a tuple of per-position arrays, Python
     floats and bools (joined by concatenation, kept, or OR-ed).  With
     ``first_is_block``, ``fn`` returns a tuple whose first entry is written into
-    the output of dtype ``out_dtype`` and the rest are joined; ``fn`` then also
-    receives ``out=``, the output's block, where it may write that entry itself
-    (NumPy and PyTorch, when the output has the dtype of the first array).
-    ``out``, if given (with ``first_is_block``, eager NumPy or PyTorch, of the
+    the output of dtype ``out_dtype`` and the rest are joined.  With
+    ``out_dtype``, blocked ``fn`` also receives ``out=``: the output's block when
+    the output has the compute dtype of the first array (else None), where it may
+    compute its (first) result itself, saving the copy.  ``out``, if given (with ``first_is_block``, eager NumPy or PyTorch, of the
     first array's shape and of dtype ``out_dtype``), is that output: a buffer of
     the caller's, reused instead of a fresh one.
     """
@@ -448,12 +448,13 @@ def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None, first_is_block=Fa
         if out is None:
             out = xp.empty(x.shape, dtype=out_dtype, device=array_api_compat.device(x))
         parts = []
-        into = first_is_block and out_dtype == _math.compute_dtype(xp, x.dtype)
+        into = out_dtype == _math.compute_dtype(xp, x.dtype)  # fn may then compute in the output itself
         for i in range(0, n, rows):
             view = out[i : i + rows, ...] if into else None
-            r = fn(*(block(a, i) for a in arrays), out=view) if first_is_block else fn(*(block(a, i) for a in arrays))
-            if not (into and r[0] is view):
-                out[i : i + rows, ...] = r[0] if first_is_block else r
+            r = fn(*(block(a, i) for a in arrays), out=view)
+            first = r[0] if first_is_block else r
+            if first is not view:
+                out[i : i + rows, ...] = first
             parts.append(r[1:] if first_is_block else None)
         return (out, *_join(xp, parts)) if first_is_block else out
     return _join(xp, [fn(*(block(a, i) for a in arrays)) for i in range(0, n, rows)])

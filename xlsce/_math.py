@@ -406,8 +406,8 @@ def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_ta
 
     w = None if wv is None else _along(xp, wv, ax, logits.ndim)
 
-    def grad(logits, target, y, lse, alpha, beta, gamma):
-        return _position_grad(xp, cfg, logits, target, y, w, lse, alpha, beta, gamma, res.masked)
+    def grad(logits, target, y, lse, alpha, beta, gamma, out=None):
+        return _position_grad(xp, cfg, logits, target, y, w, lse, alpha, beta, gamma, res.masked, out=out)
 
     blocks = (logits, target if cfg.soft else None, res.y, res.lse, alpha, beta, gamma)
     dz = _ops.by_blocks(xp, grad, blocks, blocked=ax != 0, out_dtype=logits.dtype)
@@ -424,10 +424,11 @@ def _scaled(c, coef, b, a):
     return c * coef, c * b, c * a
 
 
-def _position_grad(xp, cfg: Config, logits, target, y, w, lse, alpha, beta, gamma, masked, e=None, z=None):
+def _position_grad(xp, cfg: Config, logits, target, y, w, lse, alpha, beta, gamma, masked, e=None, z=None, out=None):
     """alpha * softmax(z) - beta * w (on the classes in play) - gamma * (w * t or the one-hot), for a block.
 
     ``w`` is the class weights shaped to broadcast along the class axis, or None.
+    ``out``, if given (eager; a buffer of the block's shape in the compute dtype), receives the result.
 
     ``e = (exp(z - m), alpha / s)``, if given, is the forward's buffer of exponentials (overwritten)
     and ``alpha`` over its row sums: alpha * softmax = exp(z - m) * (alpha / s) without a second
@@ -437,7 +438,7 @@ def _position_grad(xp, cfg: Config, logits, target, y, w, lse, alpha, beta, gamm
     dt = compute_dtype(xp, logits.dtype)
     z = _shift_input(xp, cfg, logits) if z is None else z
     if e is None:
-        dz = _ops.exp_(xp, _ops.subtract(xp, z, lse))  # softmax, in a buffer of ours (compute dtype)
+        dz = _ops.exp_(xp, _ops.subtract(xp, z, lse, out))  # softmax, in a buffer of ours (compute dtype)
         dz = _ops.imul(dz, alpha)
     else:
         dz = _ops.imul(e[0], e[1])
