@@ -186,11 +186,17 @@ def subtract(xp, a, b, out=None):
 
         with np.errstate(invalid="ignore"):  # -inf - (-inf): a row of -inf only, detected by the caller
             return np.subtract(a, b, out=out)
-    if out is None:
+    if not is_torch(a):
         return a - b
     import torch
 
-    return torch.sub(a, b, out=out)
+    if out is not None:
+        return torch.sub(a, b, out=out)
+    if a.dtype in (torch.bfloat16, torch.float16) and a.device.type == "cpu" and b.dtype != a.dtype:
+        # on the CPU, PyTorch converts a mixed-precision operand into a temporary of its own before the
+        # subtraction; converting into the result, then subtracting in place, is one buffer less
+        return a.to(b.dtype).sub_(b)
+    return a - b
 
 
 def matmul(a, b, out=None):
