@@ -153,17 +153,18 @@ def test_logit_gradients_agree(name, monkeypatch):
     tj = jnp.asarray(t)
     ctj = None if ct is None else jnp.asarray(ct)
 
-    def jax_grad():
-        return jax.grad(lambda z: jnp.sum(xlsce.cross_entropy(z, tj, **kj) * (1.0 if ctj is None else ctj)))(
-            jnp.asarray(x)
-        )
+    def jax_run():
+        zj = jnp.asarray(x)
+        out = xlsce.cross_entropy(zj, tj, **kj)
+        return out, jax.grad(lambda z: jnp.sum(xlsce.cross_entropy(z, tj, **kj) * (1.0 if ctj is None else ctj)))(zj)
 
-    # small logits subtract the target's term with a scatter; with SMALL_LOGITS = 0 a select, as large ones
+    # small logits take the general path and subtract the target's term with a scatter; with
+    # SMALL_LOGITS = 0 they go as large ones do: a lax.cond on finite logits, and a select
     from xlsce import _adapters
 
-    g_jax = jax_grad()
+    l_jax, g_jax = jax_run()
     monkeypatch.setattr(_adapters, "SMALL_LOGITS", 0)
-    g_jax_select = jax_grad()
+    l_jax_large, g_jax_large = jax_run()
     monkeypatch.undo()
 
     # torch autograd through the autograd.Function: small logits keep the gradient computed in the
@@ -183,7 +184,9 @@ def test_logit_gradients_agree(name, monkeypatch):
     assert np.any(analytic != 0)
     xp_assert_close(analytic, fd, rtol=1e-6, atol=1e-8, err_msg="analytic vs finite differences")
     xp_assert_close(g_jax, analytic, rtol=1e-12, atol=1e-14, err_msg="jax.grad vs analytic")
-    xp_assert_close(g_jax_select, analytic, rtol=1e-12, atol=1e-14, err_msg="jax.grad (select) vs analytic")
+    xp_assert_close(g_jax_large, analytic, rtol=1e-12, atol=1e-14, err_msg="jax.grad (large path) vs analytic")
+    xp_assert_close(l_jax, loss, rtol=1e-12, atol=1e-14, err_msg="jax loss vs numpy loss")
+    xp_assert_close(l_jax_large, loss, rtol=1e-12, atol=1e-14, err_msg="jax loss (large path) vs numpy loss")
     for path, (lt, grad) in torch_runs.items():
         xp_assert_close(grad, analytic, rtol=1e-12, atol=1e-14, err_msg=f"torch autograd ({path}) vs analytic")
         xp_assert_close(lt, loss, rtol=1e-12, atol=1e-14, err_msg=f"torch loss ({path}) vs numpy loss")

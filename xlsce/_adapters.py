@@ -21,8 +21,9 @@ import array_api_compat
 from . import _math
 
 # Logits of at most this many elements (256 KiB of float32) are "small": their cost is the number of
-# operations, not their size.  PyTorch keeps the forward's gradient for them (_torch_autograd), JAX
-# subtracts the target's term with a scatter (isub_at).
+# operations, not their size.  PyTorch keeps the forward's gradient for them (_torch_autograd); JAX
+# subtracts the target's term with a scatter (isub_at) and takes the general path without a lax.cond
+# (cond_finite).
 SMALL_LOGITS = 1 << 16
 
 # Per-call dispatch is kept thin (it is most of the time of a small loss): array-api-compat's answers
@@ -361,8 +362,10 @@ def cond_finite(xp, like, fast, general):
 
     Under JAX (``like`` a JAX array) a ``lax.cond``, so the general path costs nothing where it is
     not taken; elsewhere (torch.compile, array-api-strict) the general path, which is always right.
+    Small JAX arrays (at most ``SMALL_LOGITS`` elements) take the general path too: there the test
+    and the cond cost more kernels (about six) than the general path's few fused operations.
     """
-    if not is_jax(like):
+    if not is_jax(like) or math.prod(like.shape) <= SMALL_LOGITS:
         return general()
     import jax
 
