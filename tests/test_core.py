@@ -472,6 +472,25 @@ def test_blocked_half_precision_value_and_grad(monkeypatch, weighted):
         xp_assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_blocked_numpy_float16(monkeypatch, weighted):
+    # float16 NumPy logits, computed in float32 in a scratch block reused from block to block: the blocked
+    # loss and gradient equal the unblocked ones (both rounded to float16 once, from the same float32 values)
+    import xlsce._adapters
+
+    rng = np.random.default_rng(33)
+    z = rng.normal(scale=3, size=(10, 7)).astype(np.float16)
+    y = rng.integers(0, 7, size=10)
+    y[3] = -100
+    kw = dict(label_smoothing=0.1, weight=rng.uniform(0.5, 2, size=7).astype(np.float32) if weighted else None)
+    whole = (xlsce.cross_entropy(z, y, **kw), *xlsce.value_and_grad(z, y, **kw))
+    monkeypatch.setattr(xlsce._adapters, "BLOCK_ELEMENTS", 20)  # blocks of 2 rows of 7 classes
+    blocked = (xlsce.cross_entropy(z, y, **kw), *xlsce.value_and_grad(z, y, **kw))
+    for got, want in zip(blocked, whole, strict=True):
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got, want)
+
+
 def test_softcap_keeps_minus_inf_out_of_play(backend):
     # softcap maps 0 to 0, so (0, -inf, 0) must give exactly the uncapped result: log 2 and (0.5-0.95, 0, 0.5-0.05)
     z = backend.asarray(np.array([[0.0, -np.inf, 0.0]]))

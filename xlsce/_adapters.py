@@ -191,13 +191,11 @@ def subtract(xp, a, b, out=None):
         return a - b
     import torch
 
-    if out is not None:
-        return torch.sub(a, b, out=out)
     if a.dtype in (torch.bfloat16, torch.float16) and a.device.type == "cpu" and b.dtype != a.dtype:
         # on the CPU, PyTorch converts a mixed-precision operand into a temporary of its own before the
         # subtraction; converting into the result, then subtracting in place, is one buffer less
-        return a.to(b.dtype).sub_(b)
-    return a - b
+        return (a.to(b.dtype) if out is None else out.copy_(a)).sub_(b)
+    return a - b if out is None else torch.sub(a, b, out=out)
 
 
 def matmul(a, b, out=None):
@@ -433,11 +431,14 @@ def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None, first_is_block=Fa
     floats and bools (joined by concatenation, kept, or OR-ed).  With
     ``first_is_block``, ``fn`` returns a tuple whose first entry is written into
     the output of dtype ``out_dtype`` and the rest are joined.  With
-    ``out_dtype``, blocked ``fn`` also receives ``out=``: the output's block when
-    the output has the compute dtype of the first array (else None), where it may
-    compute its (first) result itself, saving the copy.  ``out``, if given (with ``first_is_block``, eager NumPy or PyTorch, of the
-    first array's shape and of dtype ``out_dtype``), is that output: a buffer of
-    the caller's, reused instead of a fresh one.
+    Blocked, ``fn`` also receives ``out=``, a buffer of the block's shape in the
+    compute dtype of the first array where it may compute its (first) result:
+    the output's block where the output has that dtype (saving the copy), else
+    one scratch block reused from block to block (a fresh block-sized buffer
+    per block costs fresh pages whenever the allocator has returned the last
+    one to the system).  ``out``, if given (with ``first_is_block``, eager NumPy
+    or PyTorch, of the first array's shape and of dtype ``out_dtype``), is that
+    output: a buffer of the caller's, reused instead of a fresh one.
     """
     x = arrays[0]
     n = x.shape[0] if x.ndim else 0
@@ -453,20 +454,25 @@ def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None, first_is_block=Fa
     def block(a, i):
         return a[i : i + rows, ...] if hasattr(a, "shape") and a.ndim else a
 
-    if out_dtype is not None:
-        if out is None:
-            out = xp.empty(x.shape, dtype=out_dtype, device=array_api_compat.device(x))
-        parts = []
-        into = out_dtype == _math.compute_dtype(xp, x.dtype)  # fn may then compute in the output itself
-        for i in range(0, n, rows):
-            view = out[i : i + rows, ...] if into else None
-            r = fn(*(block(a, i) for a in arrays), out=view)
-            first = r[0] if first_is_block else r
-            if first is not view:
-                out[i : i + rows, ...] = first
-            parts.append(r[1:] if first_is_block else None)
-        return (out, *_join(xp, parts)) if first_is_block else out
-    return _join(xp, [fn(*(block(a, i) for a in arrays)) for i in range(0, n, rows)])
+    compute = _math.compute_dtype(xp, x.dtype)
+    if out_dtype is not None and out is None:
+        out = xp.empty(x.shape, dtype=out_dtype, device=array_api_compat.device(x))
+    into = out_dtype == compute  # fn computes in the output itself
+    scratch = None if into else xp.empty((rows, *x.shape[1:]), dtype=compute, device=array_api_compat.device(x))
+    parts = []
+    for i in range(0, n, rows):
+        view = out[i : i + rows, ...] if into else scratch[: min(rows, n - i), ...]
+        r = fn(*(block(a, i) for a in arrays), out=view)
+        if out_dtype is None:
+            parts.append(r)
+            continue
+        first = r[0] if first_is_block else r
+        if not (into and first is view):
+            out[i : i + rows, ...] = first
+        parts.append(r[1:] if first_is_block else None)
+    if out_dtype is None:
+        return _join(xp, parts)
+    return (out, *_join(xp, parts)) if first_is_block else out
 
 
 def _join(xp, parts):

@@ -158,8 +158,8 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, gr
 
     if g is None:
 
-        def terms(logits, target, y, w_y):
-            return _position_terms(xp, cfg, logits, target, y, wv, w_y)
+        def terms(logits, target, y, w_y, out=None):
+            return _position_terms(xp, cfg, logits, target, y, wv, w_y, out=out)
 
         blocks, out_dtype = (logits, target if cfg.soft else None, y, w_y), None
     else:
@@ -238,8 +238,9 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, w_y, gs=None, out=No
 
     With ``gs`` (the cotangent times the reduction's factor), the block's
     gradient comes first, computed from the exponentials of the pass (the
-    buffer of the shifted logits becomes the gradient; ``out``, if given, is
-    that buffer: the block of the returned gradient, written in place).
+    buffer of the shifted logits becomes the gradient).  ``out``, if given
+    (eager; the block's shape, compute dtype), is that buffer: the block of
+    the returned gradient, or a scratch block reused from block to block.
 
     Passes over the data: max, shift (one buffer), the row sums the smoothing
     and soft targets need, exp in place, sum.  The handling of -inf logits
