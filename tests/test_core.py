@@ -439,9 +439,7 @@ def test_blocked_equals_whole(monkeypatch, name, kwargs):
     if name == "torch":  # autograd's two-pass backward, also by blocks (SMALL_LOGITS = 0: not the kept gradient)
         import torch
 
-        from xlsce import _torch_autograd
-
-        monkeypatch.setattr(_torch_autograd, "SMALL_LOGITS", 0)
+        monkeypatch.setattr(xlsce._adapters, "SMALL_LOGITS", 0)
         zt = torch.tensor(z, requires_grad=True)
         loss = xlsce.cross_entropy(zt, a(t), axis=axis, **kw)
         loss.backward(torch.ones((), dtype=loss.dtype) if cot is None else a(cot))

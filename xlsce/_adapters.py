@@ -245,7 +245,7 @@ def isub_product(a, u, v):
 def isub_at(xp, a, index, v, axis):
     """``a`` minus ``v`` at ``index`` along ``axis`` (one index per position, keepdims)."""
     if is_numpy(a):
-        a[_numpy_along(a, index, axis)] -= v
+        a[_along_index(a, index, axis)] -= v
         return a
     if is_torch(a):
         import torch
@@ -262,12 +262,7 @@ def isub_at(xp, a, index, v, axis):
         # two threads, against 6 us on one plus 4 us of scatter; python -m benchmarks.profile --backend jax).
         # Large logits keep the select: with logits computed inside jit, XLA gives the scatter's
         # operand a buffer of its own instead of reusing the logits' (tests/test_core.py's memory test).
-        import jax.numpy as jnp
-
-        at = tuple(
-            index if i == axis else jnp.arange(s).reshape(tuple(s if j == i else 1 for j in range(a.ndim)))
-            for i, s in enumerate(a.shape)
-        )
+        at = _along_index(a, index, axis)
         return a.at[at].add(-v, mode="drop", indices_are_sorted=True, unique_indices=True)
     classes = xp.arange(a.shape[axis], dtype=index.dtype, device=array_api_compat.device(a))
     classes = xp.reshape(classes, tuple(-1 if i == axis else 1 for i in range(a.ndim)))
@@ -300,7 +295,7 @@ def take_at(xp, a, index, axis):
 
         return a.gather(axis, index if index.dtype == torch.int64 else index.long())
     if is_numpy(a):
-        return a[_numpy_along(a, index, axis)]
+        return a[_along_index(a, index, axis)]
     return xp.take_along_axis(a, index, axis=axis)
 
 
@@ -324,13 +319,16 @@ def where0(xp, cond, x):
     return xp.where(cond, x, 0)
 
 
-def _numpy_along(a, index, axis):
-    """The fancy index of ``a`` at ``index`` along ``axis`` (``index`` keepdims): ``np.take_along_axis``'s,
-    without its checks, which cost more than the gather on small arrays."""
-    import numpy as np
+def _along_index(a, index, axis):
+    """The fancy index of ``a`` at ``index`` along ``axis`` (``index`` keepdims; NumPy or JAX):
+    ``take_along_axis``'s, without NumPy's checks, which cost more than the gather on small arrays."""
+    if is_jax(a):
+        import jax.numpy as arange_lib
+    else:
+        import numpy as arange_lib
 
     return tuple(
-        index if i == axis else np.arange(s).reshape(tuple(s if j == i else 1 for j in range(a.ndim)))
+        index if i == axis else arange_lib.arange(s).reshape(tuple(s if j == i else 1 for j in range(a.ndim)))
         for i, s in enumerate(a.shape)
     )
 
@@ -430,7 +428,7 @@ def by_blocks(xp, fn, arrays, *, blocked=True, out_dtype=None, first_is_block=Fa
     output of dtype ``out_dtype``) or a tuple of per-position arrays, Python
     floats and bools (joined by concatenation, kept, or OR-ed).  With
     ``first_is_block``, ``fn`` returns a tuple whose first entry is written into
-    the output of dtype ``out_dtype`` and the rest are joined.  With
+    the output of dtype ``out_dtype`` and the rest are joined.
     Blocked, ``fn`` also receives ``out=``, a buffer of the block's shape in the
     compute dtype of the first array where it may compute its (first) result:
     the output's block where the output has that dtype (saving the copy), else

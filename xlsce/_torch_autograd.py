@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from array_api_compat import torch as xpt
 
-from . import _linear, _math
-from ._adapters import SMALL_LOGITS, _reported_lse, _torch_loop
+from . import _adapters, _linear, _math
+from ._adapters import _reported_lse, _torch_loop
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     """``_math.forward`` and ``_math.backward``; only O(N) residuals are saved besides the inputs.
 
-    Small logits (at most ``SMALL_LOGITS`` elements, 256 KiB of float32; eager, float32/float64)
+    Small logits (at most ``_adapters.SMALL_LOGITS`` elements, 256 KiB of float32; eager, float32/float64)
     are the exception: there the cost is the number of operations, not their size, so the
     forward pass computes the gradient for a unit cotangent from its own exponentials
     (``_math.forward(g=1)``, a few more operations) and keeps it, and the backward only
@@ -29,7 +29,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, cfg, logits, target, weight, where):
         ctx.cfg = cfg
         ctx.fused = (
-            logits.numel() <= SMALL_LOGITS
+            logits.numel() <= _adapters.SMALL_LOGITS
             and logits.dtype in (torch.float32, torch.float64)
             and ctx.needs_input_grad[1]
             and not ctx.needs_input_grad[2]
