@@ -69,8 +69,8 @@ def cross_entropy(
     analytic backward and keeps only O(N) values besides the logits (on PyTorch, eager logits of
     at most 2**16 elements keep their gradient from the forward pass instead: fewer operations).
     That backward gives first derivatives only: second derivatives (``create_graph=True``, then
-    differentiating the gradient) are not supported; PyTorch raises a RuntimeError (from its
-    in-place checks) rather than returning a Hessian.
+    differentiating the gradient) are not supported; on PyTorch differentiating the gradient raises
+    a RuntimeError that says so, rather than returning a wrong Hessian.
 
     Args:
       logits: floating array of any array-API library, classes along ``axis``.

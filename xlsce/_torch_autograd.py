@@ -38,7 +38,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         )
         if ctx.fused:
             out, _, dz = _math.forward(xpt, cfg, logits, target, weight, where, g=1.0)
-            ctx.save_for_backward(dz)
+            ctx.save_for_backward(dz, logits)  # the logits only to tie a create_graph gradient to them
             return out
         out, res = _math.forward(xpt, cfg, logits, target, weight, where)
         # Residuals are O(N) tensors or Python floats; save_for_backward takes tensors.
@@ -49,8 +49,19 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_lse=None):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: the gradient is computed without recording, and differentiating it
+            # raises a clear error (the analytic backward is first order only)
+            with torch.no_grad():
+                grads = CrossEntropyFunction._backward(ctx, g, g_lse)
+            inputs = [t for t in ctx.saved_tensors if t is not None and t.requires_grad] or [g]
+            return tuple(None if x is None else _FirstOrderOnly.apply(x, *inputs) for x in grads)
+        return CrossEntropyFunction._backward(ctx, g, g_lse)
+
+    @staticmethod
+    def _backward(ctx, g, g_lse):
         if ctx.fused:  # the gradient for a unit cotangent, kept by the forward; linear in the cotangent
-            (dz,) = ctx.saved_tensors
+            dz = ctx.saved_tensors[0]
             if ctx.cfg.reduction == "none":
                 g = g.unsqueeze(ctx.cfg.axis)
             return None, dz * g, None, None, None
@@ -62,6 +73,21 @@ class CrossEntropyFunction(torch.autograd.Function):
         if dtarget is not None:
             dtarget = dtarget.to(target.dtype)
         return None, dlogits, dtarget, None, None
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The identity on a gradient, tied to the inputs it depends on, whose derivative raises."""
+
+    @staticmethod
+    def forward(ctx, x, *inputs):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "xlsce.cross_entropy provides first derivatives only: its gradient cannot be differentiated "
+            "again (second derivatives, e.g. a Hessian-vector product through create_graph=True)"
+        )
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
