@@ -13,33 +13,49 @@ import statistics
 import time
 
 
+def _loop_size(fn, sync, min_time):
+    """One timed call, and the number of calls per run that makes a run last ``min_time`` seconds."""
+    gc.collect()
+    t0 = time.perf_counter()
+    sync(fn())
+    single = time.perf_counter() - t0
+    return single, max(1, math.ceil(min_time / max(single, 1e-9)))
+
+
+def _run(fn, sync, inner):
+    """Time per call over one run of ``inner`` calls (garbage collection off meanwhile)."""
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = sync(fn())
+        elapsed = time.perf_counter() - t0
+        del out
+    finally:
+        gc.enable()
+    return elapsed / inner
+
+
+def _record(times, inner):
+    return {"median_s": statistics.median(times), "min_s": min(times), "runs_s": times, "inner": inner}
+
+
 def measure(fn, sync, *, runs: int = 5, min_time: float = 0.05, warmup: int = 1):
     """Time ``sync(fn())``.
 
     After ``warmup`` calls (compilation, caches), one timed call sizes the inner
     loop so that a run lasts at least ``min_time`` seconds; then ``runs`` runs of
-    that loop are timed (a call longer than ``min_time`` counts as the first run).  Returns the median time per call and the per-run times.
-    Garbage collection is off while timing.
+    that loop are timed (a call longer than ``min_time`` counts as the first run).
+    Returns the median time per call and the per-run times.  Garbage collection
+    is off while timing.
     """
     for _ in range(warmup):
         sync(fn())
-    gc.collect()
-    t0 = time.perf_counter()
-    sync(fn())
-    single = time.perf_counter() - t0
-    inner = max(1, math.ceil(min_time / max(single, 1e-9)))
+    single, inner = _loop_size(fn, sync, min_time)
     times = [single] if inner == 1 else []  # a long call is already one run
-    gc.disable()
-    try:
-        while len(times) < runs:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                out = sync(fn())
-            times.append((time.perf_counter() - t0) / inner)
-            del out
-    finally:
-        gc.enable()
-    return {"median_s": statistics.median(times), "min_s": min(times), "runs_s": times, "inner": inner}
+    while len(times) < runs:
+        times.append(_run(fn, sync, inner))
+    return _record(times, inner)
 
 
 def measure_interleaved(calls, *, runs: int = 5, min_time: float = 0.05):
@@ -53,32 +69,21 @@ def measure_interleaved(calls, *, runs: int = 5, min_time: float = 0.05):
     for name, (fn, sync) in calls.items():
         try:
             sync(fn())  # warm-up
-            gc.collect()
-            t0 = time.perf_counter()
-            sync(fn())
-            single = time.perf_counter() - t0
+            inner[name] = _loop_size(fn, sync, min_time)[1]
         except Exception as e:  # noqa: BLE001 (one failing implementation must not stop the others)
             errors[name] = f"{type(e).__name__}: {e}"[:500]
             continue
-        inner[name] = max(1, math.ceil(min_time / max(single, 1e-9)))
         times[name] = []
     for _ in range(runs):
         for name in list(times):
             fn, sync = calls[name]
             gc.collect()
-            gc.disable()
             try:
-                t0 = time.perf_counter()
-                for _ in range(inner[name]):
-                    out = sync(fn())
-                times[name].append((time.perf_counter() - t0) / inner[name])
-                del out
+                times[name].append(_run(fn, sync, inner[name]))
             except Exception as e:  # noqa: BLE001
                 errors[name] = f"{type(e).__name__}: {e}"[:500]
                 del times[name]
-            finally:
-                gc.enable()
     out = {name: {"error": err} for name, err in errors.items()}
     for name, ts in times.items():
-        out[name] = {"median_s": statistics.median(ts), "min_s": min(ts), "runs_s": ts, "inner": inner[name]}
+        out[name] = _record(ts, inner[name])
     return out

@@ -80,9 +80,9 @@ def capped_logits(xp, cfg: Config, logits):
 
 
 def _shift_input(xp, cfg: Config, logits):
-    """The logits as the shift (z - m, z - lse) reads them: eager without a soft-cap, as they are (the
-    subtraction with a compute-dtype operand converts half-precision logits, no pass of its own);
-    otherwise :func:`capped_logits` (traced, the compiler fuses the conversion)."""
+    """The logits as the shift (z - m, z - lse) reads them: eager without a soft-cap, as they are
+    (``_ops.subtract`` converts half-precision logits into its compute-dtype result); otherwise
+    :func:`capped_logits` (traced, the compiler fuses the conversion)."""
     if cfg.softcap is None and _ops.can_branch(logits):
         return logits
     return capped_logits(xp, cfg, logits)
