@@ -138,6 +138,7 @@ def price_list(backend, case):
         ops = {
             "max (read)": lambda: z.max(axis=1, keepdims=True),
             "sum (read)": lambda: z.sum(axis=1, keepdims=True),
+            "sum, einsum's loop (read)": lambda: np.einsum("...k->...", z),
             "z - m (read, write new)": lambda: z - m,
             "exp(z) (new)": lambda: np.exp(z),
             "exp in place": lambda: np.exp(buf, out=buf),
@@ -153,7 +154,7 @@ def price_list(backend, case):
     print(f"single passes over {case.label} logits ({case.logits_bytes / 2**20:.0f} MiB), median ms:")
     for name, fn in ops.items():
         t = measure(fn, lambda out: out, runs=5, min_time=0.05)["median_s"]
-        print(f"  {name:32s} {t * 1e3:9.2f}")
+        print(f"  {name:32s} {t * 1e3:9.3f}")
 
 
 def _jax_price_list(case, z, _):

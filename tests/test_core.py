@@ -316,6 +316,31 @@ def test_bad_settings(backend, kwargs, error, match):
         xlsce.value_and_grad(z, y, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("target", "ignore_index", "ok"),
+    [
+        ([0, -100, 2, -100], -100, True),  # the default ignore_index among the targets
+        ([0, -100, -1, 2], -100, False),  # a negative index besides it
+        ([0, -100, 3, 2], -100, False),  # an index too large besides it
+        ([0, 3, 2, 3], 3, True),  # ignore_index at K (the largest value)
+        ([0, 3, 4, 2], 3, False),
+        ([-1, 3, 2, 3], 3, False),
+        ([0, 1, -7, 2], -7, True),
+    ],
+)
+def test_ignore_index_among_targets_range_check(backend, target, ignore_index, ok):
+    """Class indices are checked with ignore_index's entries left out, on either side of [0, K)."""
+    z, _ = _inputs(backend)
+    y = backend.asarray(np.array(target))
+    if ok:
+        value = backend.to_numpy(xlsce.cross_entropy(z, y, ignore_index=ignore_index, reduction="none"))
+        kept = np.array(target) != ignore_index
+        assert np.all(value[~kept] == 0) and np.all(np.isfinite(value)) and np.all(value[kept] > 0)
+    else:
+        with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+            xlsce.cross_entropy(z, y, ignore_index=ignore_index)
+
+
 def test_bad_arrays(backend):
     z, y = _inputs(backend)
     a = backend.asarray

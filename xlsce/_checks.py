@@ -19,7 +19,7 @@ SMOOTHINGS = ("uniform", "exclusive")
 
 
 def _number(name, value, *, low=None, high=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a Python float (a static setting), got {type(value).__name__}")
     value = float(value)
     if value != value or (low is not None and value < low) or (high is not None and value > high):
@@ -27,6 +27,11 @@ def _number(name, value, *, low=None, high=None):
         hi = "inf" if high is None else high
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
     return value
+
+
+def _is_int(value):
+    """An integer that is not a bool (Python's int without the ABC check, which costs a microsecond)."""
+    return type(value) is int or (not isinstance(value, bool) and isinstance(value, numbers.Integral))
 
 
 def _is_array(x):
@@ -49,7 +54,7 @@ def _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_ind
         softcap = _number("softcap", softcap, low=0.0)
         if softcap == 0 or softcap == float("inf"):
             raise ValueError(f"softcap must be a positive finite float or None, got {softcap}")
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
+    if ignore_index is not None and not _is_int(ignore_index):
         raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
     if smoothing == "exclusive" and k == 1:
         raise ValueError(
@@ -99,7 +104,7 @@ def validate(
     ndim = logits.ndim
     if ndim < 1:
         raise ValueError("logits must have at least one dimension (the class axis), got a 0-d array")
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -ndim <= axis < ndim:
+    if not _is_int(axis) or not -ndim <= axis < ndim:
         raise ValueError(
             f"axis must be an int in [{-ndim}, {ndim}) for logits of shape {tuple(logits.shape)}, got {axis!r}"
         )
@@ -174,8 +179,9 @@ def _check_indices(xp, target, k, ignore_index, where):
         if 0 <= lo and hi < k:
             return ignore_index if ignore_index is not None and lo <= ignore_index <= hi else None
         if where is None and ignore_index is not None and lo <= ignore_index <= hi:  # e.g. -100 among classes
-            lo, hi = _adapters.min_max(xp, _adapters.where0(xp, target != ignore_index, target))
-            if 0 <= lo and hi < k:
+            # the other targets, ignored ones set to 0: only the side that failed is looked at again
+            kept = _adapters.where0(xp, target != ignore_index, target)
+            if (0 <= lo or _adapters.minimum(xp, kept) >= 0) and (hi < k or _adapters.maximum(xp, kept) < k):
                 return ignore_index
     if any(_adapters.is_traced(a) for a in (target, where) if a is not None):
         return ignore_index  # no values under jax.jit/vmap or torch.compile

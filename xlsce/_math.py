@@ -335,13 +335,14 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, w_y, gs=None, out=No
         s_w = k_eff if w is None else xp.sum(w)
 
     zs = _ops.exp_(xp, zs)  # exp(z - m), in place where the library allows
-    s = xp.sum(zs, axis=ax, keepdims=True)
+    s = _ops.row_dot(xp, zs, None, ax)
     if masked:
         empty = s == 0  # every logit -inf: lse = -inf, kept out of the arithmetic
         log_s = xp.log(xp.where(empty, 1.0, s))
     else:
         log_s = xp.log(s)  # s >= 1: the row maximum contributes exp(0)
-    lse = m + log_s
+    # the fused gradient (gs) needs the log-sum-exp only for the z-loss or to report it: one operation fewer
+    lse = m + log_s if gs is None or cfg.z_loss or cfg.return_lse else None
 
     # loss = sum_c w_c q_c (lse - z_c) = coef * log_s - sum_c w_c q_c zs_c, with coef = sum_c w_c q_c:
     # in shifted coordinates (exact for huge logits), 0 * (-inf) = 0 (a class out of play).
