@@ -309,3 +309,40 @@ def test_torch_second_order_raises(n):
     xp_assert_close(grad.detach(), plain, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="first derivatives only"):
         torch.autograd.grad((grad**2).sum(), z)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_jax_second_derivatives(name, monkeypatch):
+    # jax.hessian (forward over reverse) and grad of grad (reverse over reverse) through the
+    # custom_vjp differentiate the analytic backward together with the forward's residuals (the
+    # log-sum-exp), so they are the loss's Hessian: checked against central differences of the
+    # analytic gradient (NumPy), on both of JAX's paths (small logits; SMALL_LOGITS = 0: lax.cond)
+    from xlsce import _adapters
+
+    x, t, kw, ct = _case(name)
+    fd = np.stack(
+        [
+            central_differences(
+                lambda z, i=i: float(xlsce.value_and_grad(z, t, cotangent=ct, **kw)[1].reshape(-1)[i]), x
+            )
+            for i in range(x.size)
+        ]
+    ).reshape(x.shape + x.shape)
+    kj, tj = _as(jnp.asarray, kw), jnp.asarray(t)
+    ctj = 1.0 if ct is None else jnp.asarray(ct)
+
+    def f(z):
+        return jnp.sum(xlsce.cross_entropy(z, tj, **kj) * ctj)
+
+    v = np.random.default_rng(0).normal(size=x.shape)
+    v[np.isneginf(x)] = 0.0
+    for small in (_adapters.SMALL_LOGITS, 0):
+        monkeypatch.setattr(_adapters, "SMALL_LOGITS", small)
+        hess = np.asarray(jax.jit(jax.hessian(f))(jnp.asarray(x)))
+        hvp = np.asarray(jax.grad(lambda z: jnp.vdot(jax.grad(f)(z), v))(jnp.asarray(x)))
+        assert np.all(np.isfinite(hess)) and np.any(hess != 0)
+        xp_assert_close(hess, fd, rtol=1e-5, atol=1e-7, err_msg=f"jax.hessian vs differences (SMALL_LOGITS={small})")
+        expected = np.tensordot(fd, v, axes=x.ndim)
+        xp_assert_close(
+            hvp, expected, rtol=1e-5, atol=1e-7, err_msg=f"grad of grad vs differences (SMALL_LOGITS={small})"
+        )

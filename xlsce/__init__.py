@@ -68,9 +68,11 @@ def cross_entropy(
     \operatorname{softmax}(z) - w \odot q`; on PyTorch and JAX autograd runs that
     analytic backward and keeps only O(N) values besides the logits (on PyTorch, eager logits of
     at most 2**16 elements keep their gradient from the forward pass instead: fewer operations).
-    That backward gives first derivatives only: second derivatives (``create_graph=True``, then
-    differentiating the gradient) are not supported; on PyTorch differentiating the gradient raises
-    a RuntimeError that says so, rather than returning a wrong Hessian.
+    Second derivatives: on JAX (``jax.hessian``, grad of grad, Hessian-vector products) the
+    analytic backward is differentiated together with the forward's residuals (the log-sum-exp),
+    which gives the loss's Hessian.  On PyTorch that backward gives first derivatives only:
+    differentiating the gradient (``create_graph=True``, then grad again) raises a RuntimeError
+    that says so, rather than returning a wrong Hessian.
 
     Args:
       logits: floating array of any array-API library, classes along ``axis``.

@@ -408,13 +408,29 @@ def row_sums(xp, terms, axis):
     """
     if not is_jax(terms[0]):
         return [xp.sum(t, axis=axis, keepdims=True) for t in terms]
-    import jax
+    return [xp.expand_dims(s, axis=axis) for s in _jax_row_sums(axis)(*terms)]
 
-    zero = xp.zeros((), dtype=terms[0].dtype)
-    sums = jax.lax.reduce(
-        tuple(terms), (zero,) * len(terms), lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)), (axis,)
-    )
-    return [xp.expand_dims(s, axis=axis) for s in sums]
+
+@functools.cache
+def _jax_row_sums(axis):
+    """One ``lax.reduce`` of several operands along ``axis``, with its derivative (JAX's own rule for a
+    reduction of several operands fails on the symbolic zero of a term that is constant, e.g. the
+    mask of the classes in play, which differentiating xlsce's analytic backward, for a Hessian, meets)."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.custom_jvp
+    def sums(*terms):
+        zero = jnp.zeros((), dtype=terms[0].dtype)
+        return jax.lax.reduce(
+            terms, (zero,) * len(terms), lambda a, b: tuple(x + y for x, y in zip(a, b, strict=True)), (axis,)
+        )
+
+    @sums.defjvp
+    def _(primals, tangents):  # linear: the sums of the tangents, one reduction each (transposable)
+        return sums(*primals), tuple(jnp.sum(t, axis=axis) for t in tangents)
+
+    return sums
 
 
 def row_dot(xp, a, v, axis):
