@@ -209,6 +209,57 @@ def test_torch_partial_requires_grad_and_no_grad():
     xp_assert_close(out, loss.detach())
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_torch_second_order_raises(reduction, return_lse):
+    # as for cross_entropy: create_graph=True gives the first derivatives, and differentiating them
+    # raises xlsce's own error instead of autograd's "does not require grad" or a wrong Hessian
+    torch = pytest.importorskip("torch")
+    hidden, classifier, bias, target, _, _ = _problem(8)
+    t = torch.from_numpy(target)
+    xs = [torch.tensor(a, requires_grad=True) for a in (hidden, classifier, bias)]
+
+    def loss():
+        out = xlsce.linear_cross_entropy(
+            *xs[:2], t, bias=xs[2], chunk_size=5, reduction=reduction, return_lse=return_lse
+        )
+        out = out[0] + 0.3 * out[1].sum() if return_lse else out
+        return out.sum()
+
+    grads = torch.autograd.grad(loss(), xs, create_graph=True)
+    plain = torch.autograd.grad(loss(), xs)
+    for a, c in zip(grads, plain, strict=True):
+        assert a.requires_grad
+        xp_assert_close(a.detach(), c, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad((grads[0] ** 2).sum() + grads[1].sum(), xs)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_jax_second_derivatives_equal_materialised(reduction):
+    # jax.hessian through the chunked custom_vjp equals that of cross_entropy on the materialised logits
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    jax.config.update("jax_enable_x64", True)
+    hidden, classifier, bias, target, weight, where = _problem(9, n=12, v=5)
+    kw = dict(
+        label_smoothing=0.1, weight=jnp.asarray(weight), where=jnp.asarray(where), z_loss=0.01, reduction=reduction
+    )
+    t, w, b = jnp.asarray(target), jnp.asarray(classifier), jnp.asarray(bias)
+    cot = jnp.asarray(np.random.default_rng(10).normal(size=12)) if reduction == "none" else 1.0
+
+    def chunked(h):
+        return jnp.sum(xlsce.linear_cross_entropy(h, w, t, bias=b, chunk_size=4, **kw) * cot)
+
+    def materialised(h):
+        return jnp.sum(xlsce.cross_entropy(h @ w.T + b, t, **kw) * cot)
+
+    got = jax.hessian(chunked)(jnp.asarray(hidden))
+    want = jax.hessian(materialised)(jnp.asarray(hidden))
+    assert np.any(np.asarray(want) != 0)
+    xp_assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_torch_float32_matches_float64():
     torch = pytest.importorskip("torch")
     hidden, classifier, bias, target, weight, _ = _problem(8)

@@ -250,7 +250,9 @@ def linear_cross_entropy(
     backward; for ``"none"`` the backward recomputes each chunk.  Gradients flow
     through torch autograd and ``jax.grad``; on JAX the chunks run in one
     ``lax.scan``, so the compiled graph does not grow with the number of chunks.
-    :func:`linear_value_and_grad` gives the same gradients on every library.
+    :func:`linear_value_and_grad` gives the same gradients on every library.  Second
+    derivatives are as for :func:`cross_entropy`: the Hessian on JAX, a RuntimeError that
+    says so on PyTorch.
 
     The matrix products run in the inputs' dtype; the softmax math in float32
     (float64 for float64 inputs), as in :func:`cross_entropy`.

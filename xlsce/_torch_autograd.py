@@ -110,11 +110,24 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(*inputs)
         else:
             out, lse, grads = _linear.value_and_grads(*args, chunk=chunk, need=need, loop=_torch_loop)
-            ctx.save_for_backward(*grads, *(inputs if cfg.return_lse else ()))
+            # the inputs too (references, no copy): to recompute for an lse cotangent, and to tie a
+            # create_graph gradient to them
+            ctx.save_for_backward(*grads, *inputs)
         return (out, lse) if cfg.return_lse else out
 
     @staticmethod
     def backward(ctx, g, g_lse=None):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: as for CrossEntropyFunction, a gradient whose derivative raises
+            with torch.no_grad():
+                grads = LinearCrossEntropyFunction._backward(ctx, g, g_lse)
+            inputs = [t for t in ctx.saved_tensors[-6:] if t is not None and t.requires_grad]
+            inputs = inputs or [t for t in (g, g_lse) if t is not None]
+            return tuple(x if not isinstance(x, torch.Tensor) else _FirstOrderOnly.apply(x, *inputs) for x in grads)
+        return LinearCrossEntropyFunction._backward(ctx, g, g_lse)
+
+    @staticmethod
+    def _backward(ctx, g, g_lse):
         cfg, saved = ctx.cfg, ctx.saved_tensors
         if g is None and g_lse is None:
             return (None,) * 8
