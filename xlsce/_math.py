@@ -176,12 +176,14 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, gr
     dz, (loss, lse, coef, a_res, b, masked, lse_out) = (parts[0], parts[1:]) if g is not None else (None, parts)
 
     # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf); eager with the row sums
-    # checked finite (every logit finite, so every loss term), by a product: one cheap operation.
+    # checked finite (every logit finite, so every loss term), by a product: one cheap operation,
+    # for "sum"/"mean" the product with the reduction's factor (0 where ignored), which also divides.
+    finite = not masked and (cfg.eps > 0 or cfg.soft) and _ops.can_branch(loss)
+    if valid is not None and finite and cfg.reduction != "none" and not isinstance(scale, float):
+        out = xp.sum(loss * scale)
+        return _result(xp, cfg, out, logits, Residuals(lse, coef, a_res, b, scale, y, masked, lse_out), dz)
     if valid is not None:
-        if not masked and (cfg.eps > 0 or cfg.soft) and _ops.can_branch(loss):
-            loss = loss * xp.astype(valid, loss.dtype)
-        else:
-            loss = xp.where(valid, loss, 0.0)
+        loss = loss * xp.astype(valid, loss.dtype) if finite else xp.where(valid, loss, 0.0)
     if cfg.reduction == "none":
         out = xp.squeeze(loss, axis=ax)
     elif cfg.reduction == "sum" or (isinstance(d, float) and d == 1):
@@ -196,10 +198,14 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, gr
     else:
         nothing = d == 0
         out = xp.where(nothing, 0.0, xp.sum(loss) / xp.where(nothing, 1.0, d))
+    return _result(xp, cfg, out, logits, Residuals(lse, coef, a_res, b, scale, y, masked, lse_out), dz)
+
+
+def _result(xp, cfg: Config, out, logits, res: Residuals, dz):
+    """What :func:`forward` returns: the loss in the logits' dtype, the residuals, and the fused gradient."""
     if out.dtype != logits.dtype:
         out = xp.astype(out, logits.dtype)
-    res = Residuals(lse, coef, a_res, b, scale, y, masked, lse_out)
-    return (out, res) if g is None else (out, res, dz)
+    return (out, res) if dz is None else (out, res, dz)
 
 
 def _reduction_factor(xp, cfg: Config, logits, valid, w_y, dt):
