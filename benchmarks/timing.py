@@ -22,14 +22,14 @@ def _loop_size(fn, sync, min_time):
     return single, max(1, math.ceil(min_time / max(single, 1e-9)))
 
 
-def _run(fn, sync, inner):
+def _run(fn, sync, inner, clock=time.perf_counter):
     """Time per call over one run of ``inner`` calls (garbage collection off meanwhile)."""
     gc.disable()
     try:
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(inner):
             out = sync(fn())
-        elapsed = time.perf_counter() - t0
+        elapsed = clock() - t0
         del out
     finally:
         gc.enable()
@@ -58,12 +58,14 @@ def measure(fn, sync, *, runs: int = 5, min_time: float = 0.05, warmup: int = 1)
     return _record(times, inner)
 
 
-def measure_interleaved(calls, *, runs: int = 5, min_time: float = 0.05):
+def measure_interleaved(calls, *, runs: int = 5, min_time: float = 0.05, clock=time.perf_counter):
     """Time several ``(fn, sync)`` pairs (a dict name -> pair) in turns, after one warm-up call each.
 
     Each gets its own inner loop (sized as in :func:`measure`); then ``runs`` rounds
     time one run of each, in order.  Returns name -> the record of :func:`measure`,
-    or ``{"error": ...}`` for a pair whose call raised (the others go on).
+    or ``{"error": ...}`` for a pair whose call raised (the others go on).  ``clock``:
+    ``time.process_time`` counts the process's CPU time instead of the wall clock
+    (time the machine's other tenants take is then left out; all threads count).
     """
     inner, times, errors = {}, {}, {}
     for name, (fn, sync) in calls.items():
@@ -79,7 +81,7 @@ def measure_interleaved(calls, *, runs: int = 5, min_time: float = 0.05):
             fn, sync = calls[name]
             gc.collect()
             try:
-                times[name].append(_run(fn, sync, inner[name]))
+                times[name].append(_run(fn, sync, inner[name], clock))
             except Exception as e:  # noqa: BLE001
                 errors[name] = f"{type(e).__name__}: {e}"[:500]
                 del times[name]

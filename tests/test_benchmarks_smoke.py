@@ -101,3 +101,19 @@ def test_jax_kernel_profile():
         rows = [ln.split() for ln in section.splitlines() if ln and ln.split()[-1].isdigit()]
         assert rows, section  # kernels with a thread count
         assert all(float(r[-2]) >= 0 for r in rows)
+
+
+def test_ab_runs_both_copies_in_one_process():
+    # python -m benchmarks.ab REV: xlsce at a git revision (imported under another name) against the
+    # working tree's and the native anchor, in turns; at HEAD both copies are the same code
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")  # pragma: no cover
+    cmd = [sys.executable, "-m", "benchmarks.ab", "HEAD", "--shape", "16x4", "--rounds", "2", "--min-time", "0.001"]
+    for backend in BACKENDS:
+        cmd += ["--backend", backend]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if "B/A" in line]
+    assert len(lines) == 2 * len(BACKENDS), proc.stdout
+    assert "git revision HEAD" in proc.stdout
