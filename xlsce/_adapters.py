@@ -278,24 +278,15 @@ def number(x):
     return x
 
 
-def min_max(xp, x):
-    """``(min(x), max(x))`` as Python numbers (eager only)."""
-    if is_torch(x):
+def min_max(xp, x, *, lo=True, hi=True):
+    """``(min(x), max(x))`` as Python numbers (eager only); a side not asked for (``lo``/``hi``
+    False) is not computed and comes back None."""
+    if is_torch(x) and lo and hi:
         lo, hi = x.aminmax()  # one pass instead of two
         return lo.item(), hi.item()
-    if is_numpy(x):
-        return x.min().item(), x.max().item()  # the methods: fewer Python layers than np.min
-    return xp.min(x).item(), xp.max(x).item()
-
-
-def minimum(xp, x):
-    """``min(x)`` as a Python number (eager only)."""
-    return x.min().item() if kind(x) in ("numpy", "torch") else xp.min(x).item()
-
-
-def maximum(xp, x):
-    """``max(x)`` as a Python number (eager only)."""
-    return x.max().item() if kind(x) in ("numpy", "torch") else xp.max(x).item()
+    if kind(x) in ("numpy", "torch"):  # the methods: fewer Python layers than np.min
+        return (x.min().item() if lo else None), (x.max().item() if hi else None)
+    return (xp.min(x).item() if lo else None), (xp.max(x).item() if hi else None)
 
 
 def take_at(xp, a, index, axis):

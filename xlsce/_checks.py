@@ -181,7 +181,8 @@ def _check_indices(xp, target, k, ignore_index, where):
         if where is None and ignore_index is not None and lo <= ignore_index <= hi:  # e.g. -100 among classes
             # the other targets, ignored ones set to 0: only the side that failed is looked at again
             kept = _adapters.where0(xp, target != ignore_index, target)
-            if (0 <= lo or _adapters.minimum(xp, kept) >= 0) and (hi < k or _adapters.maximum(xp, kept) < k):
+            klo, khi = _adapters.min_max(xp, kept, lo=lo < 0, hi=hi >= k)
+            if (klo is None or klo >= 0) and (khi is None or khi < k):
                 return ignore_index
     if any(_adapters.is_traced(a) for a in (target, where) if a is not None):
         return ignore_index  # no values under jax.jit/vmap or torch.compile

@@ -178,10 +178,10 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, gr
     # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf); eager with the row sums
     # checked finite (every logit finite, so every loss term), by a product: one cheap operation,
     # for "sum"/"mean" the product with the reduction's factor (0 where ignored), which also divides.
+    res = Residuals(lse, coef, a_res, b, scale, y, masked, lse_out)
     finite = not masked and (cfg.eps > 0 or cfg.soft) and _ops.can_branch(loss)
     if valid is not None and finite and cfg.reduction != "none" and not isinstance(scale, float):
-        out = xp.sum(loss * scale)
-        return _result(xp, cfg, out, logits, Residuals(lse, coef, a_res, b, scale, y, masked, lse_out), dz)
+        return _result(xp, xp.sum(loss * scale), logits, res, dz)
     if valid is not None:
         loss = loss * xp.astype(valid, loss.dtype) if finite else xp.where(valid, loss, 0.0)
     if cfg.reduction == "none":
@@ -198,10 +198,10 @@ def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, gr
     else:
         nothing = d == 0
         out = xp.where(nothing, 0.0, xp.sum(loss) / xp.where(nothing, 1.0, d))
-    return _result(xp, cfg, out, logits, Residuals(lse, coef, a_res, b, scale, y, masked, lse_out), dz)
+    return _result(xp, out, logits, res, dz)
 
 
-def _result(xp, cfg: Config, out, logits, res: Residuals, dz):
+def _result(xp, out, logits, res: Residuals, dz):
     """What :func:`forward` returns: the loss in the logits' dtype, the residuals, and the fused gradient."""
     if out.dtype != logits.dtype:
         out = xp.astype(out, logits.dtype)

@@ -49,14 +49,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_lse=None):
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # create_graph=True: the gradient is computed without recording, and differentiating it
-            # raises a clear error (the analytic backward is first order only)
-            with torch.no_grad():
-                grads = CrossEntropyFunction._backward(ctx, g, g_lse)
-            inputs = [t for t in ctx.saved_tensors if t is not None and t.requires_grad] or [g]
-            return tuple(None if x is None else _FirstOrderOnly.apply(x, *inputs) for x in grads)
-        return CrossEntropyFunction._backward(ctx, g, g_lse)
+        return _first_order_backward(CrossEntropyFunction._backward, ctx, g, g_lse)
 
     @staticmethod
     def _backward(ctx, g, g_lse):
@@ -73,6 +66,19 @@ class CrossEntropyFunction(torch.autograd.Function):
         if dtarget is not None:
             dtarget = dtarget.to(target.dtype)
         return None, dlogits, dtarget, None, None
+
+
+def _first_order_backward(backward, ctx, g, g_lse):
+    """``backward(ctx, g, g_lse)``; under ``create_graph=True`` the gradients are computed without
+    recording and tied to the saved inputs by :class:`_FirstOrderOnly`, so that differentiating them
+    raises a clear error (the analytic backward is first order only)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return backward(ctx, g, g_lse)
+    with torch.no_grad():
+        grads = backward(ctx, g, g_lse)
+    inputs = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+    inputs = inputs or [t for t in (g, g_lse) if t is not None]
+    return tuple(_FirstOrderOnly.apply(x, *inputs) if isinstance(x, torch.Tensor) else x for x in grads)
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -117,14 +123,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_lse=None):
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # create_graph=True: as for CrossEntropyFunction, a gradient whose derivative raises
-            with torch.no_grad():
-                grads = LinearCrossEntropyFunction._backward(ctx, g, g_lse)
-            inputs = [t for t in ctx.saved_tensors[-6:] if t is not None and t.requires_grad]
-            inputs = inputs or [t for t in (g, g_lse) if t is not None]
-            return tuple(x if not isinstance(x, torch.Tensor) else _FirstOrderOnly.apply(x, *inputs) for x in grads)
-        return LinearCrossEntropyFunction._backward(ctx, g, g_lse)
+        return _first_order_backward(LinearCrossEntropyFunction._backward, ctx, g, g_lse)
 
     @staticmethod
     def _backward(ctx, g, g_lse):
