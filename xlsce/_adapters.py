@@ -428,12 +428,12 @@ def row_dot(xp, a, v, axis):
     """sum_c v_c a_c along ``axis`` (keepdims); ``v`` None means ones, or broadcasts against ``a``."""
     if v is None:
         if axis == a.ndim - 1 and a.shape[-1] <= 1024 and is_numpy(a) and a.dtype == "float32":
-            # einsum's own loop, faster than np.sum's pairwise loop along a short last axis: 0.11 against
-            # 0.27 ms on a 1048x1000 float32 block, 7 against 10 us at 256x10 (python -m
-            # benchmarks.profile --backend numpy --ops --shape 1048x1000).  It sums in lanes, so its
-            # rounding error grows with the row's length: in float32 up to 1024 classes within twice
-            # np.sum's (5e-7 relative, softmax sums), 1e-6 at 8192, hence np.sum beyond; float64 keeps
-            # np.sum's pairwise accuracy (tests/test_docs.py finds the loss's minimum to 1e-6 with it)
+            # einsum's own loop, faster than np.sum's pairwise loop along a short last axis: 0.105 against
+            # 0.255 ms on a 1048x1000 float32 block (python -m benchmarks.profile --backend numpy --ops
+            # --shape 1048x1000).  It sums in lanes, so its rounding grows with the row's length: softmax
+            # sums 2.1e-7 relative against np.sum's 1.0e-7 at 1024 classes, 4.8e-7 against 1.1e-7 at 8192
+            # (same command, --shape 256x1024 / 256x8192), hence np.sum beyond 1024; float64 keeps np.sum's
+            # pairwise accuracy (tests/test_docs.py locates the loss's minimum to 1e-6 with it)
             import numpy as np
 
             return np.einsum("...k->...", a)[..., None]
