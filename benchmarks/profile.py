@@ -8,6 +8,11 @@ forward+backward of xlsce and of ``F.cross_entropy``;
 ``--backend jax`` prints XLA's own trace of ``jit(value_and_grad)`` for xlsce
 and optax's integer formula: the median time of each compiled kernel per call,
 and the threads XLA splits it across (``outer_dimension_partitions``).
+``--floor`` (torch) splits each implementation's time per call into its ATen
+operations, replayed bare from Python (the same calls on the same tensors,
+nothing else), and the rest (the Python around them, autograd's bookkeeping):
+the floor that fewer Python layers could reach, and the count of operations
+that only a different formulation (or a native kernel) could lower.
 ``--ops`` instead times single passes over an (N, K) array (a reduction, a
 broadcast subtract, exp, in-place exp, where, ...): the price list from which
 a kernel's time can be estimated by counting its passes (``--backend jax``:
@@ -18,8 +23,10 @@ Set ``$XLSCE_BENCH_SOURCE`` to profile another copy of xlsce.
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import pstats
+import time
 import warnings
 
 from .cases import Case, make_inputs, parse_shape, use_source
@@ -37,6 +44,13 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=3, help="profiled calls after one warm-up")
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--ops", action="store_true", help="time single passes over (N, K) instead")
+    p.add_argument(
+        "--floor", action="store_true", help="torch: time per call = ATen operations replayed bare + the rest"
+    )
+    p.add_argument("--runs", type=int, default=9, help="--floor: timed runs per measurement (median)")
+    p.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall", help="--floor: cpu counts this process's CPU time"
+    )
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     use_source()
@@ -45,6 +59,11 @@ def main(argv=None):
         return price_list(args.backend, case)
     default = {"torch": ["xlsce", "F.cross_entropy"], "numpy": ["xlsce", "handwritten"], "jax": ["xlsce", "optax-int"]}
     arrays = to_backend(args.backend, case, *make_inputs(case))
+    if args.floor:
+        if args.backend != "torch":
+            p.error("--floor is for --backend torch")
+        names = args.impl or default["torch"]
+        return _torch_floor(case, arrays, {n: find_impl(f"torch:{n}").bind(arrays) for n in names}, args)
     for name in args.impl or default[args.backend]:
         bound = find_impl(f"{args.backend}:{name}").bind(arrays)
         bound.sync(bound.fwdbwd())  # warm-up
@@ -71,7 +90,6 @@ def main(argv=None):
 
 def _jax_kernels(bound, calls, rows):
     """XLA's trace of ``calls`` calls (``jax.profiler``, as Perfetto JSON): median time per kernel."""
-    import collections
     import glob
     import gzip
     import json
@@ -103,6 +121,81 @@ def _jax_kernels(bound, calls, rows):
     for name, durations in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:rows]:
         per_call = sum(durations) / calls
         print(f"{name:40s} {per_call:9.3f} {threads.get(name, ''):>8s}")
+
+
+class _Bound:
+    def __init__(self, fwdbwd):
+        self.fwdbwd = fwdbwd
+
+
+def _torch_floor(case, arrays, bounds, args):
+    """Per call: the implementation's time, its ATen operations (recorded with a TorchDispatchMode over
+    one forward+backward, then called again on the recorded tensors, in-place ones included, with no
+    other Python), and the difference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from .timing import measure_interleaved
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append((func, args, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    import torch
+
+    class Empty(torch.autograd.Function):
+        """A custom gradient that does nothing: forward z.sum(), backward g * z (saved)."""
+
+        @staticmethod
+        def forward(ctx, z):
+            ctx.save_for_backward(z)
+            return z.sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            return ctx.saved_tensors[0] * g
+
+    zr = arrays[0].detach().requires_grad_(True)
+
+    def empty():
+        out = Empty.apply(zr)
+        return out.detach(), torch.autograd.grad(out, zr)[0]
+
+    bounds = {**bounds, "(empty Function)": _Bound(empty)}
+    timed, counts = {}, {}
+    for name, bound in bounds.items():
+        with Record() as rec:
+            bound.fwdbwd()
+        calls = rec.calls
+        counts[name] = collections.Counter(str(func) for func, _, _ in calls)
+
+        calls = [(func._op, a, kw) for func, a, kw in calls]  # the C++ operator, without OpOverload's frame
+
+        def replay(calls=calls):
+            for op, a, kw in calls:
+                op(*a, **kw)
+
+        timed[name] = (bound.fwdbwd, lambda out: out)
+        timed[f"{name} ops"] = (replay, lambda out: out)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    res = measure_interleaved(timed, runs=args.runs, min_time=0.05, clock=clock)
+    print(f"\n=== torch forward+backward, {case.label}: per call, {args.clock} clock, median of {args.runs} runs ===")
+    print(f"{'implementation':20s} {'call us':>8s} {'ATen ops':>9s} {'ops replayed us':>16s} {'rest us':>8s}")
+    for name, count in counts.items():
+        call, ops = res[name]["median_s"] * 1e6, res[f"{name} ops"]["median_s"] * 1e6
+        print(f"{name:20s} {call:8.0f} {sum(count.values()):9d} {ops:16.0f} {call - ops:8.0f}")
+    print(
+        "(empty Function): an autograd.Function whose forward is z.sum() and backward g * z, through the same"
+        " torch.autograd.grad: its rest is what registering a custom gradient costs"
+    )
+    for name, count in counts.items():
+        print(f"\n{name}'s ATen operations per call:")
+        for op, n in count.most_common():
+            print(f"  {n:3d}  {op}")
 
 
 def price_list(backend, case):

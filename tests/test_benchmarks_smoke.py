@@ -103,6 +103,35 @@ def test_jax_kernel_profile():
         assert all(float(r[-2]) >= 0 for r in rows)
 
 
+@pytest.mark.skipif("torch" not in BACKENDS, reason="torch not installed")
+def test_torch_floor_profile():
+    # python -m benchmarks.profile --backend torch --floor: each implementation's time per call against
+    # its ATen operations, recorded over one forward+backward (the backward's too) and replayed bare
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.profile",
+        "--backend",
+        "torch",
+        "--floor",
+        "--shape",
+        "16x4",
+        "--runs",
+        "2",
+    ]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("implementation"))
+    table = {ln[:20].strip(): ln[20:].split() for ln in lines[header + 1 : header + 4]}
+    assert list(table) == ["xlsce", "F.cross_entropy", "(empty Function)"], proc.stdout
+    assert all(int(row[1]) > 0 and float(row[2]) > 0 for row in table.values()), proc.stdout
+    listing = proc.stdout.split("F.cross_entropy's ATen operations per call:")[1]
+    assert "aten._log_softmax_backward_data" in listing  # the backward's operations are recorded
+    assert "aten.exp_" in proc.stdout.split("xlsce's ATen operations per call:")[1].split("\n\n")[0]
+
+
 def test_ab_runs_both_copies_in_one_process():
     # python -m benchmarks.ab REV: xlsce at a git revision (imported under another name) against the
     # working tree's and the native anchor, in turns; at HEAD both copies are the same code
