@@ -220,6 +220,16 @@ def imul(a, b):
     return a * b
 
 
+def imul_ratio(a, num, den):
+    """a * (num / den), in place on xlsce's own buffer ``a`` where the library allows.  Small PyTorch
+    ``a`` (at most ``SMALL_LOGITS`` elements, where the cost is the number of operations) with a Python
+    number ``num``: a / (den / num), two operations instead of three (``num / den`` is a reciprocal
+    and a product there); large ``a`` keeps the product, cheaper per element than a division."""
+    if isinstance(num, float) and num != 0 and is_torch(a) and a.numel() <= SMALL_LOGITS:
+        return a.div_(den if num == 1 else den / num)
+    return imul(a, num / den)
+
+
 def isub(a, b):
     """a - b, in place on xlsce's own buffer ``a`` where the library allows."""
     if _inplace(a):
@@ -250,11 +260,11 @@ def isub_at(xp, a, index, v, axis):
     if is_torch(a):
         import torch
 
-        if isinstance(v, torch.Tensor):
-            src = -(v if v.shape == index.shape else v.expand(index.shape)).to(a.dtype)
-        else:
-            src = torch.full_like(index, -v, dtype=a.dtype)
-        return a.scatter_add_(axis, index if index.dtype == torch.int64 else index.long(), src)
+        index = index if index.dtype == torch.int64 else index.long()
+        if not isinstance(v, torch.Tensor):
+            return a.scatter_(axis, index, -v, reduce="add")  # a scalar: no tensor of it to make
+        src = -(v if v.shape == index.shape else v.expand(index.shape)).to(a.dtype)
+        return a.scatter_add_(axis, index, src)
     if is_jax(a) and math.prod(a.shape) <= SMALL_LOGITS:
         # a scatter of N updates: the elementwise gradient kernel then has three operations fewer per
         # element, which keeps XLA's CPU cost model from splitting a small kernel across threads, where

@@ -128,6 +128,13 @@ def _times(xp, c, x, finite=False):
     return c * x if finite else c * xp.where(c == 0, 0.0, x)
 
 
+def _minus_times(xp, acc, c, x, finite):
+    """acc - c * x, in place on ``acc`` (a buffer of ours) where the library allows; as :func:`_times`."""
+    if isinstance(c, float):
+        return acc if c == 0 else _ops.isub(acc, x) if c == 1 else _ops.isub_product(acc, c, x)
+    return _ops.isub_product(acc, c, x) if finite else acc - _times(xp, c, x)
+
+
 def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, grad_out=None):
     """Loss (reduced as ``cfg.reduction``) and the residuals for :func:`backward`.
 
@@ -354,19 +361,20 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, w_y, gs=None, out=No
     # in shifted coordinates (exact for huge logits), 0 * (-inf) = 0 (a class out of play).
     if cfg.eps > 0:
         a, b = _coefficients(xp, cfg, k_eff)
-        coef, qz = b * s_w, _times(xp, b, smooth_sum, not masked)
+        coef, smooth = b * s_w, (b, smooth_sum, not masked)
     else:
-        a, b, coef, qz = 1.0, 0.0, 0.0, None
+        a, b, coef, smooth = 1.0, 0.0, 0.0, None
     if cfg.soft:
         s_wt = xp.sum(wt, axis=ax, keepdims=True)
-        a_res, tz = a, _times(xp, a, target_sum, not masked)
+        a_res, target_term = a, (a, target_sum, not masked)
         coef = coef + a * s_wt
     else:
         a_res = a if w_y is None else a * w_y
-        tz = _times(xp, a_res, z_y, not masked and row_sums)  # then every logit is finite
+        target_term = (a_res, z_y, not masked and row_sums)  # then every logit is finite
         coef = coef + a_res
-    qz = tz if qz is None else tz + qz
-    loss = (log_s if isinstance(coef, float) and coef == 1 else coef * log_s) - qz  # log_s is finite
+    loss = log_s if isinstance(coef, float) and coef == 1 else coef * log_s  # log_s is finite and ours
+    for c, x, finite in (target_term, smooth) if smooth else (target_term,):
+        loss = _minus_times(xp, loss, c, x, finite)
     if cfg.z_loss:
         zl = cfg.z_loss * lse * lse
         loss = loss + (xp.where(empty, xp.inf, zl) if masked else zl)
@@ -378,8 +386,8 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, w_y, gs=None, out=No
         return loss, lse, coef, a_res, b, masked, lse_out
     # zs holds exp(z - m); softmax = zs / s (rows of -inf only: zs = 0, s taken as 1)
     alpha, beta, gamma = _scaled(gs, coef, b, a_res)
-    factor = alpha / (xp.where(empty, 1.0, s) if masked else s)
-    dz = _position_grad(xp, cfg, logits, target, y, w, None, alpha, beta, gamma, masked, e=(zs, factor), z=z)
+    e = (zs, xp.where(empty, 1.0, s) if masked else s)
+    dz = _position_grad(xp, cfg, logits, target, y, w, None, alpha, beta, gamma, masked, e=e, z=z)
     return dz, loss, lse, coef, a_res, b, masked, lse_out
 
 
@@ -438,8 +446,8 @@ def _position_grad(xp, cfg: Config, logits, target, y, w, lse, alpha, beta, gamm
     ``w`` is the class weights shaped to broadcast along the class axis, or None.
     ``out``, if given (eager; a buffer of the block's shape in the compute dtype), receives the result.
 
-    ``e = (exp(z - m), alpha / s)``, if given, is the forward's buffer of exponentials (overwritten)
-    and ``alpha`` over its row sums: alpha * softmax = exp(z - m) * (alpha / s) without a second
+    ``e = (exp(z - m), s)``, if given, is the forward's buffer of exponentials (overwritten)
+    and its row sums: alpha * softmax = exp(z - m) * (alpha / s) without a second
     exponential.
     """
     ax = cfg.axis
@@ -449,7 +457,7 @@ def _position_grad(xp, cfg: Config, logits, target, y, w, lse, alpha, beta, gamm
         dz = _ops.exp_(xp, _ops.subtract(xp, z, lse, out))  # softmax, in a buffer of ours (compute dtype)
         dz = _ops.imul(dz, alpha)
     else:
-        dz = _ops.imul(e[0], e[1])
+        dz = _ops.imul_ratio(e[0], alpha, e[1])
     if cfg.eps > 0:
         wf = w
         if masked:
