@@ -26,7 +26,6 @@ import argparse
 import collections
 import cProfile
 import pstats
-import time
 import warnings
 
 from .cases import Case, make_inputs, parse_shape, use_source
@@ -48,9 +47,6 @@ def main(argv=None):
         "--floor", action="store_true", help="torch: time per call = ATen operations replayed bare + the rest"
     )
     p.add_argument("--runs", type=int, default=9, help="--floor: timed runs per measurement (median)")
-    p.add_argument(
-        "--clock", choices=("wall", "cpu"), default="wall", help="--floor: cpu counts this process's CPU time"
-    )
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     use_source()
@@ -63,7 +59,7 @@ def main(argv=None):
         if args.backend != "torch":
             p.error("--floor is for --backend torch")
         names = args.impl or default["torch"]
-        return _torch_floor(case, arrays, {n: find_impl(f"torch:{n}").bind(arrays) for n in names}, args)
+        return _torch_floor(case, arrays, {n: find_impl(f"torch:{n}").bind(arrays).fwdbwd for n in names}, args.runs)
     for name in args.impl or default[args.backend]:
         bound = find_impl(f"{args.backend}:{name}").bind(arrays)
         bound.sync(bound.fwdbwd())  # warm-up
@@ -123,15 +119,11 @@ def _jax_kernels(bound, calls, rows):
         print(f"{name:40s} {per_call:9.3f} {threads.get(name, ''):>8s}")
 
 
-class _Bound:
-    def __init__(self, fwdbwd):
-        self.fwdbwd = fwdbwd
-
-
-def _torch_floor(case, arrays, bounds, args):
-    """Per call: the implementation's time, its ATen operations (recorded with a TorchDispatchMode over
-    one forward+backward, then called again on the recorded tensors, in-place ones included, with no
-    other Python), and the difference."""
+def _torch_floor(case, arrays, fwdbwds, runs):
+    """Per call: each implementation's forward+backward time (``fwdbwds``: name -> call), its ATen
+    operations (recorded with a TorchDispatchMode over one call, then called again on the recorded
+    tensors, in-place ones included, with no other Python), and the difference."""
+    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from .timing import measure_interleaved
@@ -144,8 +136,6 @@ def _torch_floor(case, arrays, bounds, args):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.calls.append((func, args, kwargs or {}))
             return func(*args, **(kwargs or {}))
-
-    import torch
 
     class Empty(torch.autograd.Function):
         """A custom gradient that does nothing: forward z.sum(), backward g * z (saved)."""
@@ -165,11 +155,10 @@ def _torch_floor(case, arrays, bounds, args):
         out = Empty.apply(zr)
         return out.detach(), torch.autograd.grad(out, zr)[0]
 
-    bounds = {**bounds, "(empty Function)": _Bound(empty)}
     timed, counts = {}, {}
-    for name, bound in bounds.items():
+    for name, fwdbwd in {**fwdbwds, "(empty Function)": empty}.items():
         with Record() as rec:
-            bound.fwdbwd()
+            fwdbwd()
         calls = rec.calls
         counts[name] = collections.Counter(str(func) for func, _, _ in calls)
 
@@ -179,11 +168,10 @@ def _torch_floor(case, arrays, bounds, args):
             for op, a, kw in calls:
                 op(*a, **kw)
 
-        timed[name] = (bound.fwdbwd, lambda out: out)
+        timed[name] = (fwdbwd, lambda out: out)
         timed[f"{name} ops"] = (replay, lambda out: out)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    res = measure_interleaved(timed, runs=args.runs, min_time=0.05, clock=clock)
-    print(f"\n=== torch forward+backward, {case.label}: per call, {args.clock} clock, median of {args.runs} runs ===")
+    res = measure_interleaved(timed, runs=runs, min_time=0.05)
+    print(f"\n=== torch forward+backward, {case.label}: per call, median of {runs} runs, in turns ===")
     print(f"{'implementation':20s} {'call us':>8s} {'ATen ops':>9s} {'ops replayed us':>16s} {'rest us':>8s}")
     for name, count in counts.items():
         call, ops = res[name]["median_s"] * 1e6, res[f"{name} ops"]["median_s"] * 1e6
