@@ -225,9 +225,13 @@ def imul_ratio(a, num, den):
     ``a`` (at most ``SMALL_LOGITS`` elements, where the cost is the number of operations) with a Python
     number ``num``: a / (den / num), two operations instead of three (``num / den`` is a reciprocal
     and a product there); large ``a`` keeps the product, cheaper per element than a division."""
-    if isinstance(num, float) and num != 0 and is_torch(a) and a.numel() <= SMALL_LOGITS:
+    k = kind(a)  # once: this runs on every small call, where Python calls cost as much as the work
+    if k == "torch" and isinstance(num, float) and num != 0 and a.numel() <= SMALL_LOGITS:
         return a.div_(den if num == 1 else den / num)
-    return imul(a, num / den)
+    if k in ("numpy", "torch"):
+        a *= num / den
+        return a
+    return a * (num / den)
 
 
 def isub(a, b):
@@ -241,7 +245,8 @@ def isub(a, b):
 def isub_product(a, u, v):
     """a - u * v (u and v broadcast against ``a``), in place on xlsce's own buffer ``a`` where the
     library allows; PyTorch without the temporary of the product."""
-    if is_torch(a):
+    k = kind(a)
+    if k == "torch":
         import torch
 
         if not isinstance(u, torch.Tensor):
@@ -249,7 +254,10 @@ def isub_product(a, u, v):
         if not isinstance(v, torch.Tensor):
             return a.sub_(u, alpha=v)
         return a.addcmul_(u, v, value=-1)
-    return isub(a, u * v)
+    if k == "numpy":
+        a -= u * v
+        return a
+    return a - u * v
 
 
 def isub_at(xp, a, index, v, axis):
