@@ -122,7 +122,8 @@ def _jax_kernels(bound, calls, rows):
 def _torch_floor(case, arrays, fwdbwds, runs):
     """Per call: each implementation's forward+backward time (``fwdbwds``: name -> call), its ATen
     operations (recorded with a TorchDispatchMode over one call, then called again on the recorded
-    tensors, in-place ones included, with no other Python), and the difference."""
+    tensors, in-place ones included, with no other Python), the difference, and the Python function
+    calls it makes (cProfile)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -155,8 +156,15 @@ def _torch_floor(case, arrays, fwdbwds, runs):
         out = Empty.apply(zr)
         return out.detach(), torch.autograd.grad(out, zr)[0]
 
-    timed, counts = {}, {}
+    timed, counts, py_calls = {}, {}, {}
     for name, fwdbwd in {**fwdbwds, "(empty Function)": empty}.items():
+        fwdbwd()  # warm-up: first-call imports and caches
+        pr = cProfile.Profile()  # Python function calls per call (C functions and methods count too)
+        pr.enable()
+        for _ in range(10):
+            fwdbwd()
+        pr.disable()
+        py_calls[name] = pstats.Stats(pr).total_calls / 10
         with Record() as rec:
             fwdbwd()
         calls = rec.calls
@@ -172,10 +180,13 @@ def _torch_floor(case, arrays, fwdbwds, runs):
         timed[f"{name} ops"] = (replay, lambda out: out)
     res = measure_interleaved(timed, runs=runs, min_time=0.05)
     print(f"\n=== torch forward+backward, {case.label}: per call, median of {runs} runs, in turns ===")
-    print(f"{'implementation':20s} {'call us':>8s} {'ATen ops':>9s} {'ops replayed us':>16s} {'rest us':>8s}")
+    print(
+        f"{'implementation':20s} {'call us':>8s} {'ATen ops':>9s} {'ops replayed us':>16s} {'rest us':>8s}"
+        f" {'Python calls':>13s}"
+    )
     for name, count in counts.items():
         call, ops = res[name]["median_s"] * 1e6, res[f"{name} ops"]["median_s"] * 1e6
-        print(f"{name:20s} {call:8.0f} {sum(count.values()):9d} {ops:16.0f} {call - ops:8.0f}")
+        print(f"{name:20s} {call:8.0f} {sum(count.values()):9d} {ops:16.0f} {call - ops:8.0f} {py_calls[name]:13.0f}")
     print(
         "(empty Function): an autograd.Function whose forward is z.sum() and backward g * z, through the same"
         " torch.autograd.grad: its rest is what registering a custom gradient costs"
