@@ -427,9 +427,9 @@ def test_loss_object(backend):
 def test_blocked_equals_whole(monkeypatch, name, kwargs):
     """Eager NumPy and torch evaluate blocks of positions; array_api_strict never does. Same numbers."""
     pytest.importorskip(name)
-    import xlsce._adapters
+    import xlsce.backends.generic
 
-    monkeypatch.setattr(xlsce._adapters, "BLOCK_ELEMENTS", 20)  # blocks of 3 rows of 7 classes
+    monkeypatch.setattr(xlsce.backends.generic, "BLOCK_ELEMENTS", 20)  # blocks of 3 rows of 7 classes
     kwargs = dict(kwargs)
     soft, weighted, minus_inf, kdim = (kwargs.pop(k, False) for k in ("soft", "weighted", "minus_inf", "kdim"))
     rng = np.random.default_rng(5)
@@ -464,7 +464,7 @@ def test_blocked_equals_whole(monkeypatch, name, kwargs):
     if name == "torch":  # autograd's two-pass backward, also by blocks (SMALL_LOGITS = 0: not the kept gradient)
         import torch
 
-        monkeypatch.setattr(xlsce._adapters, "SMALL_LOGITS", 0)
+        monkeypatch.setattr(xlsce.backends.generic, "SMALL_LOGITS", 0)
         zt = torch.tensor(z, requires_grad=True)
         loss = xlsce.cross_entropy(zt, a(t), axis=axis, **kw)
         loss.backward(torch.ones((), dtype=loss.dtype) if cot is None else a(cot))
@@ -477,7 +477,7 @@ def test_blocked_half_precision_value_and_grad(monkeypatch, weighted):
     # bfloat16 logits, computed in float32 block by block: the fused value_and_grad writes each block's
     # gradient into a bfloat16 output (a copy, not in place), and equals autograd's and the unblocked result.
     torch = pytest.importorskip("torch")
-    import xlsce._adapters
+    import xlsce.backends.generic
 
     rng = np.random.default_rng(32)
     z = torch.from_numpy(rng.normal(scale=3, size=(10, 7))).to(torch.bfloat16)
@@ -485,7 +485,7 @@ def test_blocked_half_precision_value_and_grad(monkeypatch, weighted):
     y[3] = -100
     kw = dict(label_smoothing=0.1, weight=torch.from_numpy(rng.uniform(0.5, 2, size=7)).float() if weighted else None)
     whole = xlsce.value_and_grad(z, y, **kw)
-    monkeypatch.setattr(xlsce._adapters, "BLOCK_ELEMENTS", 20)  # blocks of 2 rows of 7 classes
+    monkeypatch.setattr(xlsce.backends.generic, "BLOCK_ELEMENTS", 20)  # blocks of 2 rows of 7 classes
     blocked = xlsce.value_and_grad(z, y, **kw)
     zr = z.clone().requires_grad_()
     loss = xlsce.cross_entropy(zr, y, **kw)
@@ -499,7 +499,7 @@ def test_blocked_half_precision_value_and_grad(monkeypatch, weighted):
 def test_blocked_numpy_float16(monkeypatch, weighted):
     # float16 NumPy logits, computed in float32 in a scratch block reused from block to block: the blocked
     # loss and gradient equal the unblocked ones (both rounded to float16 once, from the same float32 values)
-    import xlsce._adapters
+    import xlsce.backends.generic
 
     rng = np.random.default_rng(33)
     z = rng.normal(scale=3, size=(10, 7)).astype(np.float16)
@@ -507,7 +507,7 @@ def test_blocked_numpy_float16(monkeypatch, weighted):
     y[3] = -100
     kw = dict(label_smoothing=0.1, weight=rng.uniform(0.5, 2, size=7).astype(np.float32) if weighted else None)
     whole = (xlsce.cross_entropy(z, y, **kw), *xlsce.value_and_grad(z, y, **kw))
-    monkeypatch.setattr(xlsce._adapters, "BLOCK_ELEMENTS", 20)  # blocks of 2 rows of 7 classes
+    monkeypatch.setattr(xlsce.backends.generic, "BLOCK_ELEMENTS", 20)  # blocks of 2 rows of 7 classes
     blocked = (xlsce.cross_entropy(z, y, **kw), *xlsce.value_and_grad(z, y, **kw))
     for got, want in zip(blocked, whole, strict=True):
         assert got.dtype == np.float16

@@ -160,10 +160,10 @@ def test_logit_gradients_agree(name, monkeypatch):
 
     # small logits take the general path and subtract the target's term with a scatter; with
     # SMALL_LOGITS = 0 they go as large ones do: a lax.cond on finite logits, and a select
-    from xlsce import _adapters
+    from xlsce.backends import generic
 
     l_jax, g_jax = jax_run()
-    monkeypatch.setattr(_adapters, "SMALL_LOGITS", 0)
+    monkeypatch.setattr(generic, "SMALL_LOGITS", 0)
     l_jax_large, g_jax_large = jax_run()
     monkeypatch.undo()
 
@@ -171,8 +171,8 @@ def test_logit_gradients_agree(name, monkeypatch):
     # forward pass; with SMALL_LOGITS = 0 the backward recomputes it from O(N) residuals, as for large ones
     kt = _as(torch.from_numpy, kw)
     torch_runs = {}
-    for small in (_adapters.SMALL_LOGITS, 0):
-        monkeypatch.setattr(_adapters, "SMALL_LOGITS", small)
+    for small in (generic.SMALL_LOGITS, 0):
+        monkeypatch.setattr(generic, "SMALL_LOGITS", small)
         xt = torch.tensor(x, requires_grad=True)
         lt = xlsce.cross_entropy(xt, torch.from_numpy(t), **kt)
         lt.backward(torch.ones((), dtype=lt.dtype) if ct is None else torch.from_numpy(ct))
@@ -317,7 +317,7 @@ def test_jax_second_derivatives(name, monkeypatch):
     # custom_vjp differentiate the analytic backward together with the forward's residuals (the
     # log-sum-exp), so they are the loss's Hessian: checked against central differences of the
     # analytic gradient (NumPy), on both of JAX's paths (small logits; SMALL_LOGITS = 0: lax.cond)
-    from xlsce import _adapters
+    from xlsce.backends import generic
 
     x, t, kw, ct = _case(name)
     fd = np.stack(
@@ -336,8 +336,8 @@ def test_jax_second_derivatives(name, monkeypatch):
 
     v = np.random.default_rng(0).normal(size=x.shape)
     v[np.isneginf(x)] = 0.0
-    for small in (_adapters.SMALL_LOGITS, 0):
-        monkeypatch.setattr(_adapters, "SMALL_LOGITS", small)
+    for small in (generic.SMALL_LOGITS, 0):
+        monkeypatch.setattr(generic, "SMALL_LOGITS", small)
         hess = np.asarray(jax.jit(jax.hessian(f))(jnp.asarray(x)))
         hvp = np.asarray(jax.grad(lambda z: jnp.vdot(jax.grad(f)(z), v))(jnp.asarray(x)))
         assert np.all(np.isfinite(hess)) and np.any(hess != 0)

@@ -1,16 +1,30 @@
 """xlsce: one label-smoothing cross-entropy for NumPy, JAX, PyTorch and any array-API library.
 
-The public API lives in this module: :func:`cross_entropy`, :func:`value_and_grad`
-and :class:`CrossEntropyLoss`; ``xlsce.torch.CrossEntropyLoss`` is an
-``nn.Module`` drop-in for ``torch.nn.CrossEntropyLoss``.  The math is in
-``xlsce/_math.py``, the framework adapters in ``xlsce/_adapters.py``.
+The public API lives in this module: :func:`cross_entropy`, :func:`value_and_grad`,
+:class:`CrossEntropyLoss`, :func:`linear_cross_entropy` and :func:`linear_value_and_grad`;
+``xlsce.torch.CrossEntropyLoss`` is an ``nn.Module`` drop-in for ``torch.nn.CrossEntropyLoss``.
+
+The modules, in the direction of their imports (no cycles; ``tests/test_backends.py``)::
+
+    xlsce/__init__.py        the public API
+    xlsce/_checks.py         validation: every argument, before any computation
+    xlsce/backends/          one small backend per framework, chosen once per call by the arrays' types
+        __init__.py          the choice (the one module that imports array-api-compat)
+        generic.py           the array API standard: array-api-strict, CuPy, Dask, any library
+        numpy.py             NumPy's in-place primitives and bound reductions
+        torch.py             PyTorch's primitives and its autograd.Functions
+        jax.py               JAX's primitives and its custom_vjp / custom_jvp
+    xlsce/_math.py           the loss and its analytic gradient, once, against the array API
+    xlsce/_linear.py         the chunked linear + cross-entropy, once
+    xlsce/_types.py          the static configuration and the residuals
+    xlsce/torch.py           the torch.nn.Module
 """
 
 from __future__ import annotations
 
 import importlib
 
-from . import _adapters, _checks
+from . import _checks
 
 __all__ = ["cross_entropy", "value_and_grad", "CrossEntropyLoss", "linear_cross_entropy", "linear_value_and_grad"]
 __version__ = "0.1.0"
@@ -125,7 +139,7 @@ def cross_entropy(
       Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss);
       Gemma Team, `Gemma 2 <https://arxiv.org/abs/2408.00118>`_, 2024 (soft-capping).
     """
-    xp, cfg = _checks.validate(
+    ops, cfg = _checks.validate(
         logits,
         target,
         weight,
@@ -137,8 +151,9 @@ def cross_entropy(
         axis=axis,
         z_loss=z_loss,
         softcap=softcap,
+        return_lse=return_lse,
     )
-    return _adapters.loss(xp, _checks.with_lse(cfg, return_lse), logits, target, weight, where)
+    return ops.loss(cfg, logits, target, weight, where)
 
 
 def value_and_grad(
@@ -193,7 +208,7 @@ def value_and_grad(
       section 6.2.2.3 (the softmax cross-entropy gradient); PyTorch's
       ``nll_loss``/``log_softmax`` backward in ``aten/src/ATen/native/LossNLL.cpp``.
     """
-    xp, cfg = _checks.validate(
+    ops, cfg = _checks.validate(
         logits,
         target,
         weight,
@@ -211,7 +226,7 @@ def value_and_grad(
             s for i, s in enumerate(logits.shape) if i != cfg.axis
         ):
             raise ValueError("cotangent must have the shape of the per-position loss for reduction='none'")
-    return _adapters.value_and_grad(xp, cfg, logits, target, weight, where, cotangent)
+    return ops.value_and_grad(cfg, logits, target, weight, where, cotangent)
 
 
 def linear_cross_entropy(
@@ -296,7 +311,7 @@ def linear_cross_entropy(
       Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
       <https://arxiv.org/abs/2411.09009>`_, 2024 (Cut Cross-Entropy).
     """
-    xp, cfg, chunk = _checks.validate_linear(
+    ops, cfg, chunk = _checks.validate_linear(
         hidden,
         classifier,
         bias,
@@ -310,9 +325,9 @@ def linear_cross_entropy(
         reduction=reduction,
         z_loss=z_loss,
         softcap=softcap,
+        return_lse=return_lse,
     )
-    cfg = _checks.with_lse(cfg, return_lse)
-    return _adapters.linear_loss(xp, cfg, chunk, hidden, classifier, bias, target, weight, where)
+    return ops.linear_loss(cfg, chunk, hidden, classifier, bias, target, weight, where)
 
 
 def linear_value_and_grad(hidden, classifier, target, /, *, cotangent=None, bias=None, chunk_size=None, **keywords):
@@ -337,7 +352,7 @@ def linear_value_and_grad(hidden, classifier, target, /, *, cotangent=None, bias
     weight, where = keywords.pop("weight", None), keywords.pop("where", None)
     settings = {"label_smoothing": 0.0, "smoothing": "uniform", "ignore_index": -100, "reduction": "mean"}
     settings.update(keywords)
-    xp, cfg, chunk = _checks.validate_linear(
+    ops, cfg, chunk = _checks.validate_linear(
         hidden, classifier, bias, target, weight, where, chunk_size=chunk_size, **settings
     )
     if (
@@ -347,8 +362,8 @@ def linear_value_and_grad(hidden, classifier, target, /, *, cotangent=None, bias
     ):
         raise ValueError("cotangent must have the shape of the per-position loss (target.shape) for reduction='none'")
     need = (True, True, bias is not None)
-    return _adapters.linear_value_and_grads(
-        xp, cfg, chunk, hidden, classifier, bias, target, weight, where, need=need, cotangent=cotangent
+    return ops.linear_value_and_grads(
+        cfg, chunk, hidden, classifier, bias, target, weight, where, need=need, cotangent=cotangent
     )
 
 

@@ -2,8 +2,11 @@
 
 Each failure is a ``TypeError`` (wrong kind of thing) or ``ValueError`` (right
 kind, wrong value) whose message names the argument and what was expected.
-Value checks on arrays (class indices in range) need concrete values: they run
-on eager arrays and are skipped under ``jax.jit``/``vmap`` and ``torch.compile``.
+Value checks on arrays (class indices in range) read values back only on the host
+(eager NumPy, PyTorch on the CPU, eager JAX on the CPU, array-api-strict); on a GPU or
+meta tensors PyTorch checks with a device-side assertion (no synchronisation, as
+``F.cross_entropy`` on CUDA), and they are skipped under ``jax.jit``/``vmap``,
+``torch.compile`` and for lazy arrays (Dask).
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ from __future__ import annotations
 import math
 import numbers
 
-from . import _adapters
-from ._math import Config
+from . import backends
+from ._types import Config
 
 REDUCTIONS = ("none", "sum", "mean")
 SMOOTHINGS = ("uniform", "exclusive")
@@ -36,14 +39,36 @@ def _is_int(value):
 
 def _is_array(x):
     try:
-        _adapters.namespace(x)
+        backends.backend(x)
     except TypeError:
         return False
     return True
 
 
+_CHECKED = {}  # the settings already checked (with their types: True == 1), -> (eps, z_loss, softcap)
+
+
 def _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, classes):
-    """Check the static settings shared by the losses; return (eps, z_loss, softcap) as floats."""
+    """Check the static settings shared by the losses; return (eps, z_loss, softcap) as floats.
+
+    A small call spends most of its time in Python, so a combination of settings is checked once and
+    remembered (settings that cannot be hashed, e.g. a traced array, are checked and refused each time)."""
+    key = (label_smoothing, type(label_smoothing), smoothing, reduction, z_loss, type(z_loss), softcap)
+    key += (type(softcap), ignore_index, type(ignore_index), k == 1)
+    try:
+        return _CHECKED[key]
+    except (KeyError, TypeError):
+        checked = _check_settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, classes)
+    try:
+        if len(_CHECKED) > 4096:  # a sweep of values: keep the memory bounded
+            _CHECKED.clear()
+        _CHECKED[key] = checked
+    except TypeError:
+        pass
+    return checked
+
+
+def _check_settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, classes):
     eps = _number("label_smoothing", label_smoothing, low=0.0, high=1.0)
     if smoothing not in SMOOTHINGS:
         raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
@@ -63,11 +88,10 @@ def _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_ind
     return eps, z_loss, softcap
 
 
-def with_lse(cfg, return_lse):
-    """``cfg`` asking for the reported log-sum-exp when ``return_lse`` (a bool) is True."""
-    if not isinstance(return_lse, bool):
+def _check_lse(return_lse):
+    if return_lse is not False and return_lse is not True:
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    return cfg._replace(return_lse=True) if return_lse else cfg
+    return return_lse
 
 
 def validate(
@@ -83,14 +107,13 @@ def validate(
     axis,
     z_loss=0.0,
     softcap=None,
+    return_lse=False,
 ):
-    """Check every argument; return ``(xp, Config)``."""
-    named = (("logits", logits), ("target", target), ("weight", weight), ("where", where))
+    """Check every argument; return ``(ops, Config)``, ``ops`` the backend of the call."""
     try:
-        if any(isinstance(v, (int, float, complex)) for _, v in named):  # array_namespace skips Python numbers
-            raise TypeError
-        xp = _adapters.namespace(logits, target, weight, where)
+        ops = backends.backend(logits, target, weight, where)
     except TypeError as e:
+        named = (("logits", logits), ("target", target), ("weight", weight), ("where", where))
         for name, value in named:
             if value is not None and not _is_array(value):
                 raise TypeError(
@@ -99,29 +122,30 @@ def validate(
         libs = {name: type(v).__module__.split(".")[0] for name, v in named if v is not None}
         raise TypeError(f"logits, target, weight and where must come from one array library, got {libs}") from e
 
-    if not _adapters.isdtype(xp, logits.dtype, "real floating"):
+    xp = ops.xp
+    if logits.dtype not in ops.floats:
         raise TypeError(f"logits must have a real floating dtype, got {logits.dtype}")
     ndim = logits.ndim
     if ndim < 1:
         raise ValueError("logits must have at least one dimension (the class axis), got a 0-d array")
-    if not _is_int(axis) or not -ndim <= axis < ndim:
+    if not (type(axis) is int or _is_int(axis)) or not -ndim <= axis < ndim:
         raise ValueError(
             f"axis must be an int in [{-ndim}, {ndim}) for logits of shape {tuple(logits.shape)}, got {axis!r}"
         )
     axis = int(axis) % ndim
     k = logits.shape[axis]
-    positions = tuple(s for i, s in enumerate(logits.shape) if i != axis)
+    positions = tuple(logits.shape[:axis]) + tuple(logits.shape[axis + 1 :])
 
     eps, z_loss, softcap = _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "K")
 
-    if _adapters.isdtype(xp, target.dtype, "integral"):
+    if target.dtype in ops.ints:
         soft = False
         if tuple(target.shape) != positions:
             raise ValueError(
                 f"target of class indices must have the logits' shape without the class axis {positions}, "
                 f"got {tuple(target.shape)} (logits {tuple(logits.shape)}, axis={axis})"
             )
-    elif _adapters.isdtype(xp, target.dtype, "real floating"):
+    elif target.dtype in ops.floats:
         soft = True
         if tuple(target.shape) != tuple(logits.shape):
             raise ValueError(
@@ -135,10 +159,11 @@ def validate(
     else:
         raise TypeError(f"target must hold integer class indices or floating probabilities, got dtype {target.dtype}")
 
-    _check_weight_where(xp, weight, where, k, positions)
+    if weight is not None or where is not None:
+        _check_weight_where(ops, weight, where, k, positions)
 
     if not soft:
-        ignore_index = _check_indices(xp, target, k, ignore_index, where)
+        ignore_index = _check_indices(ops, target, k, ignore_index, where)
 
     cfg = Config(
         axis=axis,
@@ -149,43 +174,46 @@ def validate(
         soft=soft,
         z_loss=z_loss,
         softcap=softcap,
+        return_lse=return_lse if return_lse is False else _check_lse(return_lse),
     )
-    return xp, cfg
+    return ops, cfg
 
 
-def _check_weight_where(xp, weight, where, k, positions):
+def _check_weight_where(ops, weight, where, k, positions):
     """The class weights: (k,) floating, no gradient asked; the mask: boolean of the positions' shape."""
     if weight is not None:
-        if not _adapters.isdtype(xp, weight.dtype, "real floating"):
+        if weight.dtype not in ops.floats:
             raise TypeError(f"weight must have a real floating dtype, got {weight.dtype}")
         if tuple(weight.shape) != (k,):
             raise ValueError(f"weight must have shape ({k},) (one per class), got {tuple(weight.shape)}")
-        if _adapters.is_torch(weight):
-            _adapters.check_torch_weight(weight)
+        ops.check_weight(weight)
     if where is not None:
-        if where.dtype != xp.bool:
+        if where.dtype != ops.xp.bool:
             raise TypeError(f"where must be a boolean array, got dtype {where.dtype}")
         if tuple(where.shape) != positions:
             raise ValueError(f"where must have the shape of the target positions {positions}, got {tuple(where.shape)}")
 
 
-def _check_indices(xp, target, k, ignore_index, where):
-    """Raise if a class index is outside [0, k) and neither ignore_index nor masked by where (eager arrays).
+def _check_indices(ops, target, k, ignore_index, where):
+    """Raise if a class index is outside [0, k) and neither ignore_index nor masked by where.
 
+    Eager on the host, the range is read first (min and max); elsewhere the check is
+    ``ops.require``: read back on the host, a device-side assertion on a GPU, nothing traced.
     Returns ``ignore_index``, or None when no target holds it (the loss then needs no mask for it).
     """
-    if _adapters.can_branch(target) and math.prod(target.shape):  # eager numpy/torch: min and max first
-        lo, hi = _adapters.min_max(xp, target)
+    xp = ops.xp
+    if ops.eager and math.prod(target.shape):  # min and max first
+        lo, hi = ops.min_max(target)
         if 0 <= lo and hi < k:
             return ignore_index if ignore_index is not None and lo <= ignore_index <= hi else None
         if where is None and ignore_index is not None and lo <= ignore_index <= hi:  # e.g. -100 among classes
             # the other targets, ignored ones set to 0: only the side that failed is looked at again
-            kept = _adapters.where0(xp, target != ignore_index, target)
-            klo, khi = _adapters.min_max(xp, kept, lo=lo < 0, hi=hi >= k)
+            kept = ops.where0(target != ignore_index, target)
+            klo, khi = ops.min_max(kept, lo=lo < 0, hi=hi >= k)
             if (klo is None or klo >= 0) and (khi is None or khi < k):
                 return ignore_index
-    if any(_adapters.is_traced(a) for a in (target, where) if a is not None):
-        return ignore_index  # no values under jax.jit/vmap or torch.compile
+    if ops.traced:
+        return ignore_index  # no values under jax.jit/vmap, torch.compile, or for lazy arrays
     bad = (target < 0) | (target >= k)
     if ignore_index is not None:
         info = xp.iinfo(target.dtype)
@@ -193,10 +221,10 @@ def _check_indices(xp, target, k, ignore_index, where):
             bad = bad & (target != ignore_index)
     if where is not None:
         bad = bad & where
-    if not _adapters.is_traced(bad) and bool(xp.any(bad)):  # a closed-over target inside jit traces too
-        raise ValueError(
-            f"target holds class indices outside [0, {k}) that are neither ignore_index ({ignore_index}) nor masked by where"
-        )
+    ops.require(
+        xp.logical_not(xp.any(bad)),
+        f"target holds class indices outside [0, {k}) that are neither ignore_index ({ignore_index}) nor masked by where",
+    )
     return ignore_index
 
 
@@ -215,13 +243,14 @@ def validate_linear(
     reduction,
     z_loss=0.0,
     softcap=None,
+    return_lse=False,
 ):
-    """Check the arguments of ``linear_cross_entropy``; return ``(xp, Config, chunk)``.
+    """Check the arguments of ``linear_cross_entropy``; return ``(ops, Config, chunk)``.
 
     ``hidden`` is (..., H), ``classifier`` (V, H), ``bias`` and ``weight`` (V,),
     ``target`` and ``where`` (...): the positions are ``hidden.shape[:-1]``.
     """
-    from . import _linear, _math
+    from . import _linear
 
     named = (
         ("hidden", hidden),
@@ -235,14 +264,15 @@ def validate_linear(
         if value is not None and not _is_array(value):
             raise TypeError(f"{name} must be an array of an array-API library, got {type(value).__name__}")
     try:
-        xp = _adapters.namespace(*(v for _, v in named))
+        ops = backends.backend(hidden, classifier, bias, target, weight, where)
     except TypeError as e:
         libs = {name: type(v).__module__.split(".")[0] for name, v in named if v is not None}
         raise TypeError(
             f"hidden, classifier, bias, target, weight and where must come from one array library, got {libs}"
         ) from e
 
-    if not _adapters.isdtype(xp, hidden.dtype, "real floating"):
+    xp = ops.xp
+    if hidden.dtype not in ops.floats:
         raise TypeError(f"hidden must have a real floating dtype, got {hidden.dtype}")
     if hidden.ndim < 1:
         raise ValueError("hidden must have shape (..., H) with at least one dimension, got a 0-d array")
@@ -263,12 +293,12 @@ def validate_linear(
         if tuple(bias.shape) != (k,):
             raise ValueError(f"bias must have shape ({k},) (one per class), got {tuple(bias.shape)}")
 
-    if _adapters.isdtype(xp, target.dtype, "real floating"):
+    if target.dtype in ops.floats:
         raise ValueError(
             "linear_cross_entropy takes class indices only: probability targets have the shape of the (N, V) "
             "logits that it avoids building; use cross_entropy(hidden @ classifier.T, target) instead"
         )
-    if not _adapters.isdtype(xp, target.dtype, "integral"):
+    if target.dtype not in ops.ints:
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
     if tuple(target.shape) != positions:
         raise ValueError(
@@ -282,13 +312,13 @@ def validate_linear(
 
     eps, z_loss, softcap = _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "V")
 
-    _check_weight_where(xp, weight, where, k, positions)
+    _check_weight_where(ops, weight, where, k, positions)
 
-    ignore_index = _check_indices(xp, target, k, ignore_index, where)
+    ignore_index = _check_indices(ops, target, k, ignore_index, where)
 
     n = math.prod(positions)
     if chunk_size is None:
-        itemsize = 8 if _math.compute_dtype(xp, hidden.dtype) == xp.float64 else 4
+        itemsize = 8 if ops.compute[hidden.dtype] == xp.float64 else 4
         chunk = _linear.default_chunk_size(n, k, itemsize)
     else:
         chunk = max(1, min(int(chunk_size), n))
@@ -301,5 +331,6 @@ def validate_linear(
         soft=False,
         z_loss=z_loss,
         softcap=softcap,
+        return_lse=_check_lse(return_lse),
     )
-    return xp, cfg, chunk
+    return ops, cfg, chunk

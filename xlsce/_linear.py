@@ -26,18 +26,16 @@ then the positions are split into ``n = ceil(N / C_max)`` chunks of equal size
 Eager loops (NumPy, PyTorch) compute each chunk's loss and gradient in one
 pass and reuse the two (V, C) buffers from chunk to chunk (:func:`chunk_step`).
 
-The loop itself is pluggable: :func:`eager_loop` is a Python loop (NumPy,
-PyTorch, array-api-strict); the JAX adapter passes a ``lax.scan`` loop over the
-same :func:`chunk_step`, so the traced graph does not grow with the number of
-chunks (and accumulates dW in row slices of at most CHUNK_BYTES, in place).
+The loop is the backend's (``ops.chunk_loop``): :func:`eager_loop` is a Python loop (NumPy,
+PyTorch, array-api-strict); the JAX backend runs a ``lax.scan`` over the same
+:func:`chunk_step`, so the traced graph does not grow with the number of chunks (and
+accumulates dW in row slices of at most CHUNK_BYTES, in place: its ``ops.addmm``).
 """
 
 from __future__ import annotations
 
-from array_api_compat import device as _device
-
-from . import _adapters as _ops
 from . import _math
+from ._types import Config
 
 CHUNK_BYTES = 64 * 2**20
 
@@ -51,16 +49,17 @@ def default_chunk_size(n: int, v: int, itemsize: int) -> int:
     return -(-n // count)
 
 
-def chunk_config(cfg: _math.Config) -> _math.Config:
+def chunk_config(cfg: Config) -> Config:
     """Chunks are reduced with "sum" (the mean's denominator is global) or not at all; their logits
     are transposed, (V, rows), the classes along axis 0."""
     return cfg._replace(axis=0, reduction="none" if cfg.reduction == "none" else "sum")
 
 
-def denominator(xp, cfg, target, weight, where, dt):
+def denominator(ops, cfg, target, weight, where, dt):
     """The 'mean' denominator D = sum_i m_i w[y_i] (0-d array of dtype dt)."""
-    valid = _math._valid(xp, cfg, target, where)
-    dev = _device(target)
+    xp = ops.xp
+    valid = _math.valid_positions(xp, cfg, target, where)
+    dev = ops.device(target)
     if weight is None:
         if valid is None:
             return xp.asarray(float(target.shape[0]), dtype=dt, device=dev)
@@ -72,16 +71,12 @@ def denominator(xp, cfg, target, weight, where, dt):
     return xp.sum(w_y)
 
 
-def chunk_step(
-    xp, cfg, h, classifier, bias, target, weight, where, g, need, acc=(None, None), addmm=None, g_lse=None, work=None
-):
+def chunk_step(ops, cfg, h, classifier, bias, target, weight, where, g, need, acc=(None, None), g_lse=None, work=None):
     """Loss of one chunk of rows and, for ``need = (dh, dW, db)``, its gradients for cotangent ``g``.
 
     ``cfg`` is a :func:`chunk_config` (reduction "sum" or "none", axis 0).
     ``acc = (dW, db)`` are the accumulators of the previous chunks (None at the
-    first; updated in place where the library allows).  ``addmm(acc, a, b)``,
-    if given, returns ``acc + a @ b`` (a backend's fused, in-place product; acc
-    may be None).  ``g_lse`` (the chunk's rows, optional) is the cotangent of
+    first; updated in place where the backend allows; ``ops.addmm``).  ``g_lse`` (the chunk's rows, optional) is the cotangent of
     the reported log-sum-exp.  Returns ``(loss, lse, dh, dW, db)``: the loss,
     the lse (None unless ``cfg.return_lse``) and the accumulators in the compute
     dtype, dh in the inputs' dtype; entries not needed are None.
@@ -91,45 +86,42 @@ def chunk_step(
     PyTorch's BLAS and on XLA (``python -m benchmarks.linear --products``),
     and the loss's reductions along axis 0 run over contiguous rows.
 
-    ``work`` (eager NumPy and PyTorch loops) is a dict in which the chunk's
+    ``work`` (backends that write in place, not traced: ``ops.fuse``) is a dict in which the chunk's
     logits and gradient buffers are kept for the next chunk of the same size,
     which writes into them: the loop allocates them once.  Eager, the gradient
     is computed in the forward's pass (``_math.forward`` with the cotangent,
     from its exponentials) unless the lse has a cotangent.
     """
+    xp = ops.xp
     in_dt = h.dtype
-    dt = _math.compute_dtype(xp, in_dt)
+    dt = ops.compute[in_dt]
     rows = h.shape[0]
-    work = work if work is not None and _ops.can_branch(h) else None  # not traced, not compiled
-    z = _keep(work, "z", _ops.matmul(classifier, h.T, out=_reuse(work, "z", rows, in_dt)))
+    work = work if work is not None and ops.fuse else None  # not traced, not compiled
+    z = _keep(work, "z", ops.matmul(classifier, h.T, out=_reuse(work, "z", rows, in_dt)))
     if bias is not None:
         b = xp.reshape(bias, (-1, 1))
-        z = z + b if work is None else _add(z, b)
+        z = z + b if work is None else ops.iadd(z, b)
     if z.dtype != dt:
         z = xp.astype(z, dt)
     dw, db = acc
     if work is not None and any(need) and g_lse is None:  # one pass: the loss and its gradient
-        loss, res, dz = _math.forward(xp, cfg, z, target, weight, where, g=g, grad_out=_reuse(work, "dz", rows, dt))
+        loss, res, dz = _math.forward(ops, cfg, z, target, weight, where, g=g, grad_out=_reuse(work, "dz", rows, dt))
         dz = _keep(work, "dz", dz)
     else:
-        loss, res = _math.forward(xp, cfg, z, target, weight, where)
+        loss, res = _math.forward(ops, cfg, z, target, weight, where)
     lse = _math.reported_lse(xp, cfg, res) if cfg.return_lse else None
     if not any(need):
         return loss, lse, None, dw, db
     if work is None or g_lse is not None:
-        dz, _ = _math.backward(xp, cfg, z, target, weight, res, g, g_lse=g_lse)
+        dz, _ = _math.backward(ops, cfg, z, target, weight, res, g, g_lse=g_lse)
     del z, res
     if need[2]:
-        db = _add(db, xp.sum(dz, axis=1))
+        db = ops.iadd(db, xp.sum(dz, axis=1))
     if dz.dtype != in_dt:
         dz = xp.astype(dz, in_dt)
     dh = dz.T @ classifier if need[0] else None
     if need[1]:
-        if addmm is not None:
-            dw = addmm(dw, dz, h)
-        else:
-            p = dz @ h
-            dw = _add(dw, p if p.dtype == dt else xp.astype(p, dt))
+        dw = ops.addmm(dw, dz, h)
     return loss, lse, dh, dw, db
 
 
@@ -152,20 +144,13 @@ def _keep(work, name, buf):
     return buf
 
 
-def _add(acc, x):
-    """acc + x, in place where the library allows it (the accumulator is ours)."""
-    if acc is None:
-        return x
-    acc += x
-    return acc
-
-
-def eager_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse=None, addmm=None):
+def eager_loop(ops, cfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse=None):
     """Python loop over chunks.  Returns ``(total or per-position loss, lse or None, dh, dW, db)``."""
+    xp = ops.xp
     n, width = hidden.shape
     v = classifier.shape[0]
-    dt = _math.compute_dtype(xp, hidden.dtype)
-    dev = _device(hidden)
+    dt = ops.compute[hidden.dtype]
+    dev = ops.device(hidden)
     losses, lses, dhs, dw, db, total = [], [], [], None, None, None
     work = {}  # the chunks' logits and gradient buffers, allocated by the first chunk
     for start in range(0, n, chunk):
@@ -174,12 +159,12 @@ def eager_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weight, w
         m = None if where is None else where[s]
         gl = None if g_lse is None else g_lse[s]
         loss, lse, dh, dw, db = chunk_step(
-            xp, cfg, hidden[s, :], classifier, bias, target[s], weight, m, gs, need, (dw, db), addmm, gl, work
+            ops, cfg, hidden[s, :], classifier, bias, target[s], weight, m, gs, need, (dw, db), gl, work
         )
         if cfg.reduction == "none":
             losses.append(loss)
         else:
-            total = _add(total, loss)
+            total = ops.iadd(total, loss)
         if lse is not None:
             lses.append(lse)
         if dh is not None:
@@ -202,7 +187,7 @@ def eager_loop(xp, cfg, chunk, need, hidden, classifier, bias, target, weight, w
 
 
 def value_and_grads(
-    xp,
+    ops,
     cfg,
     hidden,
     classifier,
@@ -215,7 +200,6 @@ def value_and_grads(
     need,
     cotangent=None,
     cotangent_lse=None,
-    loop=eager_loop,
 ):
     """Loss of the flattened problem, its lse and the gradients ``(dh, dW, db)`` for the cotangents.
 
@@ -225,20 +209,21 @@ def value_and_grads(
     ``(loss, lse, grads)``: ``lse`` (N,) is None unless ``cfg.return_lse``;
     gradients not in ``need`` are None, the others come back in their input's dtype.
     """
-    dt = _math.compute_dtype(xp, hidden.dtype)
-    dev = _device(hidden)
+    xp = ops.xp
+    dt = ops.compute[hidden.dtype]
+    dev = ops.device(hidden)
     ccfg = chunk_config(cfg)
     if cfg.reduction == "none":
         g = xp.ones(target.shape, dtype=dt, device=dev) if cotangent is None else xp.astype(cotangent, dt)
     else:
         g = 1.0 if cotangent is None else xp.astype(cotangent, dt)
         if cfg.reduction == "mean":
-            d = denominator(xp, cfg, target, weight, where, dt)
+            d = denominator(ops, cfg, target, weight, where, dt)
             empty = d == 0
             d = xp.where(empty, 1.0, d)
             g = xp.where(empty, 0.0, g / d)
     g_lse = None if cotangent_lse is None else xp.astype(cotangent_lse, dt)
-    out, lse, dh, dw, db = loop(xp, ccfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse)
+    out, lse, dh, dw, db = ops.chunk_loop(ccfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse)
     if cfg.reduction == "mean":
         out = xp.where(empty, 0.0, out / d)
     if out.dtype != hidden.dtype:

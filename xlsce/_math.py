@@ -1,10 +1,13 @@
 """The loss and its analytic gradient, written once against the array API.
 
-Everything here takes the namespace ``xp`` of the inputs and uses only the
-standard; nothing imports a framework.  The public layer (``xlsce/__init__.py``)
-validates the arguments and builds a :class:`Config`; the backend adapters
-(``xlsce/_adapters.py``) register :func:`backward` with torch autograd and
-``jax.custom_vjp``.
+Every function here takes the backend ``ops`` of the call (``xlsce/backends``): its namespace
+``ops.xp`` and the primitives (``ops.exp_``, ``ops.take_at``, ``ops.by_blocks``, ...) that a
+framework may do faster; nothing here imports a framework or asks which one it is.  The mode is
+a property of the backend: ``ops.eager`` (values may be read to skip work: eager NumPy, and
+PyTorch on the CPU) chooses the eager algorithm, otherwise (``jax.jit``, ``torch.compile``, a
+GPU, array-api-strict) the traced one.  The public layer (``xlsce/__init__.py``) validates the
+arguments and builds a :class:`~xlsce._types.Config`; the backends register :func:`backward`
+with torch autograd and ``jax.custom_vjp``.
 
 Notation (one position i, classes c along ``cfg.axis``)::
 
@@ -25,53 +28,34 @@ so that exclusive at eps is uniform at eps*K'/(K'-1).  With every logit
 finite, K' = K and these are PyTorch's (uniform) and fairseq's (exclusive)
 formulas.  Nothing of shape (N, K) is kept between forward and backward: the
 residuals are a handful of per-position vectors (the one exception, small eager
-PyTorch logits, is in ``xlsce/_torch_autograd.py``).
+PyTorch logits, is in ``xlsce/backends/torch.py``).
+
+The per-position pass, :func:`_position_terms`, is four steps, each a function:
+
+1. the shift by the row maximum and the row sums that the smoothing and soft targets need
+   (:func:`_eager_shift` or :func:`_traced_shift`);
+2. the sums over the classes in play where a logit is -inf (:func:`_masked_sums`);
+3. the log-sum-exp, from the exponentials of the shifted logits;
+4. the loss terms (:func:`_loss_terms`).
+
+Values known in Python (``type(x) is float``: made by xlsce's own arithmetic, or a cotangent read
+by ``ops.number``) stay Python numbers, which costs no array operation.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
-from . import _adapters as _ops
+from ._types import Config, Residuals
 
-
-class Config(NamedTuple):
-    """Static (hashable) configuration of one loss call."""
-
-    axis: int  # class axis, non-negative
-    eps: float  # label smoothing
-    exclusive: bool  # smoothing convention
-    reduction: str  # "none" | "sum" | "mean"
-    ignore_index: int | None  # None: nothing ignored by value
-    soft: bool  # probability targets
-    z_loss: float = 0.0
-    softcap: float | None = None
-    return_lse: bool = False  # also report the per-position log-sum-exp
+__all__ = ["Config", "Residuals", "backward", "capped_logits", "forward", "reported_lse", "valid_positions"]
 
 
-class Residuals(NamedTuple):
-    """What the backward needs besides the inputs: O(N), shaped like the loss with keepdims."""
-
-    lse: object  # log-sum-exp (shift m + log s; 0 for a row of -inf only)
-    coef: object  # sum_c w_c q_c + 2 zeta lse: the factor of softmax(z)
-    a: object  # a * w[y] (index targets) or a (probability targets)
-    b: object  # smoothing mass per class in play
-    scale: object  # reduction factor per position (0 where ignored)
-    y: object  # class index with ignored positions set to 0, keepdims (index targets)
-    masked: bool  # whether -inf logits need masking (always True when traced)
-    lse_out: object = None  # the log-sum-exp to report (-inf where every logit is -inf), if asked
-
-
-def compute_dtype(xp, dtype):
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return xp.float64 if dtype == xp.float64 else xp.float32
-
-
-def capped_logits(xp, cfg: Config, logits):
+def capped_logits(ops, cfg: Config, logits):
     """The logits in the compute dtype, soft-capped if asked."""
+    xp = ops.xp
     z = logits
-    dt = compute_dtype(xp, z.dtype)
+    dt = ops.compute[z.dtype]
     if z.dtype != dt:
         z = xp.astype(z, dt)
     if cfg.softcap is not None:  # s * tanh(z / s), keeping -inf (a class out of play) at -inf
@@ -79,13 +63,13 @@ def capped_logits(xp, cfg: Config, logits):
     return z
 
 
-def _shift_input(xp, cfg: Config, logits):
+def _shift_input(ops, cfg: Config, logits):
     """The logits as the shift (z - m, z - lse) reads them: eager without a soft-cap, as they are
-    (``_ops.subtract`` converts half-precision logits into its compute-dtype result); otherwise
+    (``ops.subtract`` converts half-precision logits into its compute-dtype result); otherwise
     :func:`capped_logits` (traced, the compiler fuses the conversion)."""
-    if cfg.softcap is None and _ops.can_branch(logits):
+    if cfg.softcap is None and ops.eager:
         return logits
-    return capped_logits(xp, cfg, logits)
+    return capped_logits(ops, cfg, logits)
 
 
 def _along(xp, v, axis, ndim):
@@ -93,7 +77,7 @@ def _along(xp, v, axis, ndim):
     return xp.reshape(v, tuple(-1 if i == axis else 1 for i in range(ndim)))
 
 
-def _valid(xp, cfg: Config, target, where):
+def valid_positions(xp, cfg: Config, target, where):
     """Boolean of the positions that count (the positions' shape), or None when all do."""
     valid = None
     if not cfg.soft and cfg.ignore_index is not None:
@@ -108,7 +92,7 @@ def _valid(xp, cfg: Config, target, where):
 def _coefficients(xp, cfg: Config, k_eff):
     """Smoothing coefficients (a, b) for the number of classes in play (a number or per row)."""
     eps = cfg.eps
-    if isinstance(k_eff, float):  # every class in play
+    if type(k_eff) is float:  # every class in play
         b = eps / (k_eff - 1) if cfg.exclusive else eps / k_eff
         return (1.0 - eps - b if cfg.exclusive else 1.0 - eps), b
     if cfg.exclusive:
@@ -123,81 +107,80 @@ def _coefficients(xp, cfg: Config, k_eff):
 
 def _times(xp, c, x, finite=False):
     """c * x with 0 wherever c == 0, also where x is infinite (0 * log 0 = 0); ``finite``: x is known finite."""
-    if isinstance(c, float):
+    if type(c) is float:
         return x if c == 1 else c * x if c != 0 else xp.zeros_like(x)
     return c * x if finite else c * xp.where(c == 0, 0.0, x)
 
 
-def _minus_times(xp, acc, c, x, finite):
-    """acc - c * x, in place on ``acc`` (a buffer of ours) where the library allows; as :func:`_times`."""
-    if isinstance(c, float):
-        return acc if c == 0 else _ops.isub(acc, x) if c == 1 else _ops.isub_product(acc, c, x)
-    return _ops.isub_product(acc, c, x) if finite else acc - _times(xp, c, x)
+def _minus_times(ops, acc, c, x, finite):
+    """acc - c * x, in place on ``acc`` (a buffer of ours) where the backend allows; as :func:`_times`."""
+    if type(c) is float:
+        return acc if c == 0 else ops.isub(acc, x) if c == 1 else ops.isub_product(acc, c, x)
+    return ops.isub_product(acc, c, x) if finite else acc - _times(ops.xp, c, x)
 
 
-def forward(xp, cfg: Config, logits, target, weight=None, where=None, g=None, grad_out=None):
+def forward(ops, cfg: Config, logits, target, weight=None, where=None, g=None, grad_out=None):
     """Loss (reduced as ``cfg.reduction``) and the residuals for :func:`backward`.
 
     The per-position terms are independent, so eager NumPy and PyTorch evaluate
-    them on blocks of positions that stay in cache (``_ops.by_blocks``); the
+    them on blocks of positions that stay in cache (``ops.by_blocks``); the
     reduction then needs only per-position values.
 
-    With ``g``, the cotangent (eager NumPy and PyTorch only: the fused path of
-    ``value_and_grad``), the gradient is computed in the same pass, from the
+    With ``g``, the cotangent (the fused path of ``value_and_grad``, on backends
+    that write in place), the gradient is computed in the same pass, from the
     exponentials the loss needs, and returned third: ``(loss, residuals, dlogits)``.
     The reduction's factor is known before the pass (the "mean" denominator
-    comes from the targets), so nothing is recomputed.  ``grad_out`` (eager, with
-    ``g``; a buffer of the logits' shape in their compute dtype) receives that
+    comes from the targets), so nothing is recomputed.  ``grad_out`` (with ``g``;
+    a buffer of the logits' shape in their compute dtype) receives that
     gradient instead of a fresh buffer.
     """
-    ax = cfg.axis
-    dt = compute_dtype(xp, logits.dtype)
+    xp, ax = ops.xp, cfg.axis
+    dt = ops.compute[logits.dtype]
     wv = None if weight is None else xp.astype(weight, dt, copy=False)
-    valid = _valid(xp, cfg, target, where)
+    valid = valid_positions(xp, cfg, target, where)
     y = w_y = None
     if not cfg.soft:
-        y = xp.expand_dims(target if valid is None else _ops.where0(xp, valid, target), axis=ax)
+        y = xp.expand_dims(target if valid is None else ops.where0(valid, target), axis=ax)
         if wv is not None:
-            w_y = _ops.take_classes(xp, wv, y)  # the target's class weight, keepdims
+            w_y = ops.take_classes(wv, y)  # the target's class weight, keepdims
     if valid is not None:
         valid = xp.expand_dims(valid, axis=ax)
-    scale, d = _reduction_factor(xp, cfg, logits, valid, w_y, dt)
+    scale, d = _reduction_factor(ops, cfg, logits, valid, w_y, dt)
+    soft_target = target if cfg.soft else None
 
     if g is None:
 
         def terms(logits, target, y, w_y, out=None):
-            return _position_terms(xp, cfg, logits, target, y, wv, w_y, out=out)
+            return _position_terms(ops, cfg, logits, target, y, wv, w_y, out=out)
 
-        blocks, out_dtype = (logits, target if cfg.soft else None, y, w_y), None
+        blocks, out_dtype = (logits, soft_target, y, w_y), None
     else:
-        g = _cotangent(xp, cfg, g, dt)
-        gs = g * scale if isinstance(scale, float) or not isinstance(g, float) or g != 1 else scale
+        g = g if type(g) is float else _cotangent(ops, cfg, g, dt)
+        gs = g * scale if type(scale) is float or not type(g) is float or g != 1 else scale
 
         def terms(logits, target, y, w_y, gs, out=None):
-            return _position_terms(xp, cfg, logits, target, y, wv, w_y, gs, out)
+            return _position_terms(ops, cfg, logits, target, y, wv, w_y, gs, out)
 
-        blocks, out_dtype = (logits, target if cfg.soft else None, y, w_y, gs), logits.dtype
-    parts = _ops.by_blocks(
-        xp, terms, blocks, blocked=ax != 0, out_dtype=out_dtype, first_is_block=g is not None, out=grad_out
-    )
+        blocks, out_dtype = (logits, soft_target, y, w_y, gs), logits.dtype
+    parts = ops.by_blocks(terms, blocks, blocked=ax != 0, out_dtype=out_dtype, first_is_block=g is not None, out=grad_out)
     dz, (loss, lse, coef, a_res, b, masked, lse_out) = (parts[0], parts[1:]) if g is not None else (None, parts)
 
     # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf); eager with the row sums
     # checked finite (every logit finite, so every loss term), by a product: one cheap operation,
     # for "sum"/"mean" the product with the reduction's factor (0 where ignored), which also divides.
     res = Residuals(lse, coef, a_res, b, scale, y, masked, lse_out)
-    finite = not masked and (cfg.eps > 0 or cfg.soft) and _ops.can_branch(loss)
-    if valid is not None and finite and cfg.reduction != "none" and not isinstance(scale, float):
+    finite = not masked and (cfg.eps > 0 or cfg.soft) and ops.eager
+    if valid is not None and finite and cfg.reduction != "none" and not type(scale) is float:
         return _result(xp, xp.sum(loss * scale), logits, res, dz)
     if valid is not None:
         loss = loss * xp.astype(valid, loss.dtype) if finite else xp.where(valid, loss, 0.0)
     if cfg.reduction == "none":
         out = xp.squeeze(loss, axis=ax)
-    elif cfg.reduction == "sum" or (isinstance(d, float) and d == 1):
+    elif cfg.reduction == "sum" or (type(d) is float and d == 1):
         out = xp.sum(loss)
-    elif isinstance(d, float):  # the denominator known in Python
+    elif type(d) is float:  # the denominator known in Python
         if d == 0:  # a mean over nothing
-            out = xp.zeros((), dtype=dt, device=_ops.device(loss))
+            out = xp.zeros((), dtype=dt, device=ops.device(loss))
         elif d == math.prod(loss.shape):
             out = xp.mean(loss)  # every position counts once: one operation
         else:
@@ -215,38 +198,44 @@ def _result(xp, out, logits, res: Residuals, dz):
     return (out, res) if dz is None else (out, res, dz)
 
 
-def _reduction_factor(xp, cfg: Config, logits, valid, w_y, dt):
+def _reduction_factor(ops, cfg: Config, logits, valid, w_y, dt):
     """``(scale, d)``: the factor of each position's loss in the reduced loss, and the mean's
     denominator (1.0 for "none"/"sum"); from the targets alone, before any pass over the logits.
-    ``w_y``: the target's class weight per position (index targets with class weights), else None."""
+    ``w_y``: the target's class weight per position (index targets with class weights), else None.
+    The denominator is read as a Python number only where that is cheap (``ops.eager``)."""
+    xp = ops.xp
     vm = 1.0 if valid is None else xp.astype(valid, dt)
     if cfg.reduction != "mean":
         return vm, 1.0
-    if valid is None and w_y is None:  # every position counts once
-        n = math.prod(logits.shape[: cfg.axis]) * math.prod(logits.shape[cfg.axis + 1 :])
+    positions = tuple(logits.shape[: cfg.axis]) + tuple(logits.shape[cfg.axis + 1 :])
+    if valid is None and w_y is None and None not in positions:  # every position counts once
+        n = math.prod(positions)
         return (1.0 / n, float(n)) if n else (0.0, 0.0)  # a mean over nothing is 0
-    if w_y is None:
+    if valid is None and w_y is None:  # unknown (None) sizes, as lazy libraries report them: counted
+        ones = xp.ones_like(xp.sum(logits, axis=cfg.axis, keepdims=True), dtype=dt)
+        vm, d = ones, xp.sum(ones)
+    elif w_y is None:
         d = xp.sum(vm)
     else:
         d = xp.sum(w_y if valid is None else vm * w_y)
-    if _ops.can_branch(d):
+    if ops.eager:
         d = float(d)
-    if isinstance(d, float):
         return (vm / d if d != 0 else 0.0), d
     nothing = d == 0
     return xp.where(nothing, 0.0, vm / xp.where(nothing, 1.0, d)), d
 
 
-def _cotangent(xp, cfg: Config, g, dt):
+def _cotangent(ops, cfg: Config, g, dt):
     """The cotangent as a Python number (0-d, readable) or an array that broadcasts against the residuals."""
-    g = _ops.number(g)  # a 0-d cotangent on the CPU: Python arithmetic, fewer array operations
+    xp = ops.xp
+    g = ops.number(g)  # a 0-d cotangent on the CPU: Python arithmetic, fewer array operations
     g = xp.astype(g, dt, copy=False) if hasattr(g, "dtype") else g
     if cfg.reduction == "none" and hasattr(g, "shape"):
         g = xp.expand_dims(g, axis=cfg.axis)
     return g
 
 
-def _position_terms(xp, cfg: Config, logits, target, y, wv, w_y, gs=None, out=None):
+def _position_terms(ops, cfg: Config, logits, target, y, wv, w_y, gs=None, out=None):
     """Per-position loss (keepdims) and residual terms for a block of positions.
 
     With ``gs`` (the cotangent times the reduction's factor), the block's
@@ -260,95 +249,22 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, w_y, gs=None, out=No
     costs extra passes only where they occur (eager) or may occur (traced,
     where the compiler fuses them).
     """
-    ax = cfg.axis
-    dt = compute_dtype(xp, logits.dtype)
-    eager = _ops.can_branch(logits)
-    z = _shift_input(xp, cfg, logits)
+    xp, ax = ops.xp, cfg.axis
+    z = _shift_input(ops, cfg, logits)
     w = None if wv is None else _along(xp, wv, ax, z.ndim)
+    wt = None
     if cfg.soft:
-        t = xp.astype(target, dt, copy=False)
+        t = xp.astype(target, ops.compute[logits.dtype], copy=False)
         wt = t if w is None else w * t
 
-    # Eager, -inf logits are looked for (in the row maxima, then in the row sums that the smoothing
-    # and soft targets need anyway); traced, their handling is always in the graph (fused there).
-    # Eager with row sums to take (smoothing, soft targets), a -inf row maximum shows in them as NaN:
-    # one check of the sums covers both.
-    m = xp.max(z, axis=ax, keepdims=True)
-    if m.dtype != dt:
-        m = xp.astype(m, dt)  # the maximum of half-precision values is exact in float32
-    row_sums = cfg.eps > 0 or cfg.soft
-    masked = not eager or (not row_sums and not _ops.all_finite(xp, m))
-    if masked:
-        m = xp.where(m == -xp.inf, 0.0, m)  # a row of -inf only
-    zs = _ops.subtract(xp, z, m, out)  # shifted logits: a buffer of ours, exponentiated in place below
+    # 1-2. the shift, the row sums and the target's shifted logit; masked: a logit may be -inf
+    shift = _eager_shift if ops.eager else _traced_shift
+    m, zs, z_y, sums, masked = shift(ops, cfg, z, y, w, wt, out)
 
-    # Row sums of the shifted logits (sum_c w_c zs_c over the classes in play,
-    # sum_c w_c t_c zs_c for soft targets), taken before zs is overwritten.
-    smooth_sum = target_sum = None
-    if not eager and (cfg.eps > 0 or cfg.soft):
-        # Traced: the sums over all classes, of the logits themselves (a consumer of z of their own, so
-        # that XLA fuses them into one pass; every variant with the shift inside these sums was slower on
-        # XLA's CPU backend), then shifted by the row max.  The masked sums only where they come out non-finite,
-        # i.e. where a logit is -inf (a lax.cond under jax.jit).  Unshifted, the smoothing sum
-        # sum_c w_c z_c loses about K * 2**-24 * |z| in float32: relative 1e-6 to 1e-5 of the loss for
-        # logits around 1e3 to 1e4, like optax's mean(z) (docs/what-it-computes.md).
-
-        def plain():
-            k = float(z.shape[ax])
-            s_w = k * xp.ones_like(m) if w is None else xp.sum(w) * xp.ones_like(m)
-            out = [k * xp.ones_like(m), s_w]
-            if cfg.eps > 0:
-                out.append(_ops.row_dot(xp, z, w, ax) - s_w * m)
-            if cfg.soft:
-                out.append(_ops.row_dot(xp, z, wt, ax) - xp.sum(wt, axis=ax, keepdims=True) * m)
-            return tuple(out)
-
-        def general():
-            fin = z > -xp.inf
-            zf = xp.where(fin, z - m, 0.0)
-            terms = [xp.astype(fin, dt)] + ([] if w is None else [xp.where(fin, w, 0.0)])
-            if cfg.eps > 0:
-                terms.append(zf if w is None else w * zf)
-            if cfg.soft:
-                terms.append(_times(xp, wt, zf))
-            sums = _ops.row_sums(xp, terms, ax)  # one pass (under JAX: a reduction of several operands)
-            return (sums[0], *sums) if w is None else tuple(sums)
-
-        sums = _ops.cond_finite(xp, z, plain, general)
-        k_eff, s_w = sums[0], sums[1]
-        smooth_sum = sums[2] if cfg.eps > 0 else None
-        target_sum = sums[-1] if cfg.soft else None
-    elif eager and not masked:
-        sums = []
-        if cfg.eps > 0:
-            smooth_sum = _ops.row_dot(xp, zs, w, ax)
-            sums.append(smooth_sum)
-        if cfg.soft:
-            target_sum = _ops.row_dot(xp, zs, wt, ax)
-            sums.append(target_sum)
-        masked = bool(sums) and not _ops.all_finite(xp, *sums)  # a -inf logit somewhere
-        if masked:  # the shift again, with rows of -inf only shifted by 0
-            m = xp.where(m == -xp.inf, 0.0, m)
-            zs = _ops.subtract(xp, z, m, out)
-    if not cfg.soft:
-        # the target's shifted logit: eager from zs (before it is exponentiated), one operation fewer;
-        # traced from z (a gather from zs made XLA keep zs as an (N, K) buffer of its own)
-        z_y = _ops.take_at(xp, zs, y, ax) if eager else _ops.take_at(xp, z, y, ax) - m
-    if masked and eager:
-        fin = zs > -xp.inf
-        if cfg.eps > 0:
-            k_eff = xp.sum(xp.astype(fin, dt), axis=ax, keepdims=True)
-            zf = xp.where(fin, zs, 0.0)
-            smooth_sum = xp.sum(zf if w is None else w * zf, axis=ax, keepdims=True)
-            s_w = k_eff if w is None else xp.sum(xp.where(fin, w, 0.0), axis=ax, keepdims=True)
-        if cfg.soft:
-            target_sum = xp.sum(_times(xp, wt, zs), axis=ax, keepdims=True)
-    elif eager and cfg.eps > 0:
-        k_eff = float(z.shape[ax])
-        s_w = k_eff if w is None else xp.sum(w)
-
-    zs = _ops.exp_(xp, zs)  # exp(z - m), in place where the library allows
-    s = _ops.row_dot(xp, zs, None, ax)
+    # 3. the log-sum-exp, from exp(z - m) (in place where the backend allows)
+    zs = ops.exp_(zs)
+    s = ops.row_dot(zs, None, ax)
+    empty = None
     if masked:
         empty = s == 0  # every logit -inf: lse = -inf, kept out of the arithmetic
         log_s = xp.log(xp.where(empty, 1.0, s))
@@ -357,24 +273,8 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, w_y, gs=None, out=No
     # the fused gradient (gs) needs the log-sum-exp only for the z-loss or to report it: one operation fewer
     lse = m + log_s if gs is None or cfg.z_loss or cfg.return_lse else None
 
-    # loss = sum_c w_c q_c (lse - z_c) = coef * log_s - sum_c w_c q_c zs_c, with coef = sum_c w_c q_c:
-    # in shifted coordinates (exact for huge logits), 0 * (-inf) = 0 (a class out of play).
-    if cfg.eps > 0:
-        a, b = _coefficients(xp, cfg, k_eff)
-        coef, smooth = b * s_w, (b, smooth_sum, not masked)
-    else:
-        a, b, coef, smooth = 1.0, 0.0, 0.0, None
-    if cfg.soft:
-        s_wt = xp.sum(wt, axis=ax, keepdims=True)
-        a_res, target_term = a, (a, target_sum, not masked)
-        coef = coef + a * s_wt
-    else:
-        a_res = a if w_y is None else a * w_y
-        target_term = (a_res, z_y, not masked and row_sums)  # then every logit is finite
-        coef = coef + a_res
-    loss = log_s if isinstance(coef, float) and coef == 1 else coef * log_s  # log_s is finite and ours
-    for c, x, finite in (target_term, smooth) if smooth else (target_term,):
-        loss = _minus_times(xp, loss, c, x, finite)
+    # 4. the loss terms
+    loss, coef, a_res, b = _loss_terms(ops, cfg, log_s, z_y, sums, wt, w_y, masked)
     if cfg.z_loss:
         zl = cfg.z_loss * lse * lse
         loss = loss + (xp.where(empty, xp.inf, zl) if masked else zl)
@@ -385,10 +285,141 @@ def _position_terms(xp, cfg: Config, logits, target, y, wv, w_y, gs=None, out=No
     if gs is None:
         return loss, lse, coef, a_res, b, masked, lse_out
     # zs holds exp(z - m); softmax = zs / s (rows of -inf only: zs = 0, s taken as 1)
-    alpha, beta, gamma = _scaled(gs, coef, b, a_res)
+    alpha, beta, gamma = gs * coef, gs * b, gs * a_res  # the factors of softmax, the smoothing mass, the target
     e = (zs, xp.where(empty, 1.0, s) if masked else s)
-    dz = _position_grad(xp, cfg, logits, target, y, w, None, alpha, beta, gamma, masked, e=e, z=z)
+    dz = _position_grad(ops, cfg, logits, target, y, w, None, alpha, beta, gamma, masked, e=e, z=z)
     return dz, loss, lse, coef, a_res, b, masked, lse_out
+
+
+def _row_max(ops, z, axis):
+    """The row maximum (keepdims) in the compute dtype (the maximum of half-precision values is exact)."""
+    xp = ops.xp
+    m = xp.max(z, axis=axis, keepdims=True)
+    dt = ops.compute[z.dtype]
+    return m if m.dtype == dt else xp.astype(m, dt)
+
+
+def _eager_shift(ops, cfg: Config, z, y, w, wt, out):
+    """The eager algorithm's shift: ``(m, z - m, z_y - m, sums, masked)``.
+
+    -inf logits are looked for, and handled only where they occur: in the row maxima when no row
+    sums are needed, else in the row sums that the smoothing and soft targets need anyway (a -inf
+    row maximum shows in them as NaN: one check of the sums covers both).  ``sums`` is
+    ``(K', sum_c w_c, sum_c w_c zs_c, sum_c w_c t_c zs_c)`` over the classes in play (None where not
+    needed; ``zs = z - m``).
+    """
+    xp, ax = ops.xp, cfg.axis
+    m = _row_max(ops, z, ax)
+    row_sums = cfg.eps > 0 or cfg.soft
+    masked = not row_sums and not ops.all_finite(m)
+    if masked:
+        m = xp.where(m == -xp.inf, 0.0, m)  # a row of -inf only
+    zs = ops.subtract(z, m, out)  # shifted logits: a buffer of ours, exponentiated in place later
+    smooth_sum = target_sum = None
+    if row_sums and not masked:  # taken before zs is overwritten
+        taken = []
+        if cfg.eps > 0:
+            smooth_sum = ops.row_dot(zs, w, ax)
+            taken.append(smooth_sum)
+        if cfg.soft:
+            target_sum = ops.row_dot(zs, wt, ax)
+            taken.append(target_sum)
+        masked = not ops.all_finite(*taken)  # a -inf logit somewhere
+        if masked:  # the shift again, with rows of -inf only shifted by 0
+            m = xp.where(m == -xp.inf, 0.0, m)
+            zs = ops.subtract(z, m, out)
+    z_y = None if cfg.soft else ops.take_at(zs, y, ax)  # from zs, before it is exponentiated
+    if masked:
+        sums = _masked_sums(ops, cfg, zs, w, wt)
+    else:
+        k = float(z.shape[ax])
+        s_w = (k if w is None else xp.sum(w)) if cfg.eps > 0 else None
+        sums = (k, s_w, smooth_sum, target_sum)
+    return m, zs, z_y, sums, masked
+
+
+def _traced_shift(ops, cfg: Config, z, y, w, wt, out):
+    """The traced algorithm's shift: ``(m, z - m, z_y - m, sums, True)``, the handling of -inf logits
+    always in the graph (fused there).  The row sums are those of the logits themselves, shifted after
+    (a consumer of z of their own, so that XLA fuses them into one pass: every variant with the shift
+    inside these sums was slower on XLA's CPU backend); the sums over the classes in play
+    (:func:`_masked_sums`) only where those come out non-finite (``ops.cond_finite``: a ``lax.cond``
+    under JAX).  Unshifted, the smoothing sum sum_c w_c z_c loses about K * 2**-24 * |z| in float32:
+    relative 1e-6 to 1e-5 of the loss for logits around 1e3 to 1e4, like optax's mean(z)
+    (docs/what-it-computes.md)."""
+    xp, ax = ops.xp, cfg.axis
+    m = _row_max(ops, z, ax)
+    m = xp.where(m == -xp.inf, 0.0, m)  # a row of -inf only
+    zs = ops.subtract(z, m, out)
+    sums = (None, None, None, None)
+    if cfg.eps > 0 or cfg.soft:
+
+        def plain():  # every logit finite
+            k = float(z.shape[ax])
+            k_eff = s_w = smooth = target = None
+            if cfg.eps > 0:
+                k_eff = k * xp.ones_like(m)
+                s_w = k_eff if w is None else xp.sum(w) * xp.ones_like(m)
+                smooth = ops.row_dot(z, w, ax) - s_w * m
+            if cfg.soft:
+                target = ops.row_dot(z, wt, ax) - xp.sum(wt, axis=ax, keepdims=True) * m
+            return k_eff, s_w, smooth, target
+
+        sums = ops.cond_finite(z, plain, lambda: _masked_sums(ops, cfg, z - m, w, wt))
+    # the target's shifted logit from z (a gather from zs made XLA keep zs as an (N, K) buffer of its own)
+    z_y = None if cfg.soft else ops.take_at(z, y, ax) - m
+    return m, zs, z_y, sums, True
+
+
+def _masked_sums(ops, cfg: Config, zs, w, wt):
+    """``(K', sum_c w_c, sum_c w_c zs_c, sum_c w_c t_c zs_c)`` over the classes in play (finite
+    ``zs = z - m``), in one pass (``ops.row_sums``; under JAX one reduction of several operands).
+    The soft targets' sum keeps a -inf where a target puts mass on a class out of play (an infinite
+    loss, as documented); 0 * (-inf) = 0 elsewhere."""
+    xp, ax = ops.xp, cfg.axis
+    fin = zs > -xp.inf
+    terms = []
+    if cfg.eps > 0:
+        zf = xp.where(fin, zs, 0.0)
+        terms.append(xp.astype(fin, zs.dtype))
+        if w is not None:
+            terms.append(xp.where(fin, w, 0.0))
+        terms.append(zf if w is None else w * zf)
+    if cfg.soft:
+        terms.append(_times(xp, wt, zs))
+    sums = ops.row_sums(terms, ax)
+    k_eff = s_w = smooth = target = None
+    if cfg.eps > 0:
+        k_eff, smooth = sums[0], sums[1 if w is None else 2]
+        s_w = k_eff if w is None else sums[1]
+    if cfg.soft:
+        target = sums[-1]
+    return k_eff, s_w, smooth, target
+
+
+def _loss_terms(ops, cfg: Config, log_s, z_y, sums, wt, w_y, masked):
+    """``(loss, coef, a_res, b)``: loss = sum_c w_c q_c (lse - z_c) = coef * log_s - sum_c w_c q_c zs_c,
+    with coef = sum_c w_c q_c: in shifted coordinates (exact for huge logits), 0 * (-inf) = 0 (a class
+    out of play)."""
+    xp = ops.xp
+    k_eff, s_w, smooth_sum, target_sum = sums
+    row_sums = cfg.eps > 0 or cfg.soft
+    if cfg.eps > 0:
+        a, b = _coefficients(xp, cfg, k_eff)
+        coef, smooth = b * s_w, (b, smooth_sum, not masked)
+    else:
+        a, b, coef, smooth = 1.0, 0.0, 0.0, None
+    if cfg.soft:
+        a_res, target_term = a, (a, target_sum, not masked)
+        coef = coef + a * xp.sum(wt, axis=cfg.axis, keepdims=True)
+    else:
+        a_res = a if w_y is None else a * w_y
+        target_term = (a_res, z_y, not masked and row_sums)  # then every logit is finite
+        coef = coef + a_res
+    loss = log_s if type(coef) is float and coef == 1 else coef * log_s  # log_s is finite and ours
+    for c, x, finite in (target_term, smooth) if smooth else (target_term,):
+        loss = _minus_times(ops, loss, c, x, finite)
+    return loss, coef, a_res, b
 
 
 def reported_lse(xp, cfg: Config, res: Residuals):
@@ -396,7 +427,7 @@ def reported_lse(xp, cfg: Config, res: Residuals):
     return xp.squeeze(res.lse_out, axis=cfg.axis)
 
 
-def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_target=False, g_lse=None):
+def backward(ops, cfg: Config, logits, target, weight, res: Residuals, g, need_target=False, g_lse=None):
     """Gradient of the loss with respect to the logits (and the soft target).
 
     ``g`` is the cotangent of the reduced loss: a scalar for "sum"/"mean", an
@@ -407,69 +438,65 @@ def backward(xp, cfg: Config, logits, target, weight, res: Residuals, g, need_ta
     The gradient is the one buffer of the logits' shape that is allocated;
     it is filled block by block, in place.
     """
-    ax = cfg.axis
-    dt = compute_dtype(xp, logits.dtype)
-    g = _cotangent(xp, cfg, g, dt)
+    xp, ax = ops.xp, cfg.axis
+    dt = ops.compute[logits.dtype]
+    g = _cotangent(ops, cfg, g, dt)
     wv = None if weight is None else xp.astype(weight, dt, copy=False)
-    if isinstance(res.scale, float):  # Python numbers multiplied first
+    if type(res.scale) is float:  # Python numbers multiplied first
         alpha, beta, gamma = (
-            g * (res.scale * v) if isinstance(v, float) else g * res.scale * v for v in (res.coef, res.b, res.a)
+            g * (res.scale * v) if type(v) is float else g * res.scale * v for v in (res.coef, res.b, res.a)
         )
     else:
-        alpha, beta, gamma = _scaled(g * res.scale, res.coef, res.b, res.a)
+        c = g * res.scale
+        alpha, beta, gamma = c * res.coef, c * res.b, c * res.a
     if g_lse is not None:
         alpha = alpha + xp.expand_dims(xp.astype(g_lse, dt, copy=False), axis=ax)
 
     w = None if wv is None else _along(xp, wv, ax, logits.ndim)
 
     def grad(logits, target, y, lse, alpha, beta, gamma, out=None):
-        return _position_grad(xp, cfg, logits, target, y, w, lse, alpha, beta, gamma, res.masked, out=out)
+        return _position_grad(ops, cfg, logits, target, y, w, lse, alpha, beta, gamma, res.masked, out=out)
 
     blocks = (logits, target if cfg.soft else None, res.y, res.lse, alpha, beta, gamma)
-    dz = _ops.by_blocks(xp, grad, blocks, blocked=ax != 0, out_dtype=logits.dtype)
+    dz = ops.by_blocks(grad, blocks, blocked=ax != 0, out_dtype=logits.dtype)
     dtarget = None
     if need_target and cfg.soft:
-        z = capped_logits(xp, cfg, logits)
+        z = capped_logits(ops, cfg, logits)
         lp = xp.where(z > -xp.inf, z - res.lse, 0.0)
         dtarget = -gamma * (lp if wv is None else lp * _along(xp, wv, ax, z.ndim))
     return dz, dtarget
 
 
-def _scaled(c, coef, b, a):
-    """alpha, beta, gamma = c * (coef, b, a): the factors of softmax, of the smoothing mass and of the target."""
-    return c * coef, c * b, c * a
-
-
-def _position_grad(xp, cfg: Config, logits, target, y, w, lse, alpha, beta, gamma, masked, e=None, z=None, out=None):
+def _position_grad(ops, cfg: Config, logits, target, y, w, lse, alpha, beta, gamma, masked, e=None, z=None, out=None):
     """alpha * softmax(z) - beta * w (on the classes in play) - gamma * (w * t or the one-hot), for a block.
 
     ``w`` is the class weights shaped to broadcast along the class axis, or None.
-    ``out``, if given (eager; a buffer of the block's shape in the compute dtype), receives the result.
+    ``out``, if given (a buffer of the block's shape in the compute dtype), receives the result.
 
     ``e = (exp(z - m), s)``, if given, is the forward's buffer of exponentials (overwritten)
     and its row sums: alpha * softmax = exp(z - m) * (alpha / s) without a second
     exponential.
     """
-    ax = cfg.axis
-    dt = compute_dtype(xp, logits.dtype)
-    z = _shift_input(xp, cfg, logits) if z is None else z
+    xp, ax = ops.xp, cfg.axis
+    dt = ops.compute[logits.dtype]
+    z = _shift_input(ops, cfg, logits) if z is None else z
     if e is None:
-        dz = _ops.exp_(xp, _ops.subtract(xp, z, lse, out))  # softmax, in a buffer of ours (compute dtype)
-        dz = _ops.imul(dz, alpha)
+        dz = ops.exp_(ops.subtract(z, lse, out))  # softmax, in a buffer of ours (compute dtype)
+        dz = ops.imul(dz, alpha)
     else:
-        dz = _ops.imul_ratio(e[0], alpha, e[1])
+        dz = ops.imul_ratio(e[0], alpha, e[1])
     if cfg.eps > 0:
         wf = w
         if masked:
             fin = z > -xp.inf
             wf = xp.astype(fin, dt) if w is None else xp.where(fin, w, 0.0)
-        dz = _ops.isub(dz, beta) if wf is None else _ops.isub_product(dz, beta, wf)
+        dz = ops.isub(dz, beta) if wf is None else ops.isub_product(dz, beta, wf)
     if cfg.soft:
         t = xp.astype(target, dt, copy=False)
-        dz = _ops.isub(dz, gamma * (t if w is None else w * t))
+        dz = ops.isub(dz, gamma * (t if w is None else w * t))
     else:
-        dz = _ops.isub_at(xp, dz, y, gamma, ax)
+        dz = ops.isub_at(dz, y, gamma, ax)
     if cfg.softcap is not None:  # d(s tanh(x/s))/dx = 1 - tanh(x/s)^2, which is 0 at x = -inf
         u = xp.tanh(xp.astype(logits, dt) / cfg.softcap)
-        dz = _ops.imul(dz, 1.0 - u * u)
+        dz = ops.imul(dz, 1.0 - u * u)
     return dz

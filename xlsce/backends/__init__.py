@@ -1,0 +1,59 @@
+"""The backends: one small class per framework, chosen once per call by the arrays' types.
+
+* :mod:`~xlsce.backends.generic`: the array API standard (array-api-strict, CuPy, Dask, any library);
+* :mod:`~xlsce.backends.numpy`, :mod:`~xlsce.backends.torch`, :mod:`~xlsce.backends.jax`: the
+  overrides of each framework, with its autodiff registration.
+
+:func:`backend` is the one place that asks array-api-compat (the only module that imports it)
+which library the arrays belong to; the answer depends on their types alone and is cached.
+A framework's backend module, and so the framework, is imported the first time one of its
+arrays is seen.
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+
+from .generic import API_VERSION, Generic
+
+__all__ = ["API_VERSION", "Generic", "backend"]
+
+_SELECTORS = {}  # tuple of the arrays' types -> a function of the first array that returns the backend
+
+
+def backend(*arrays):
+    """The backend of ``arrays`` (None entries are skipped), in the mode of this call.
+
+    Raises TypeError for arrays of several libraries, or for something that is not an array.
+    """
+    key = tuple(map(type, arrays))
+    try:
+        select = _SELECTORS[key]
+    except KeyError:
+        present = [a for a in arrays if a is not None]
+        select = _SELECTORS[key] = _selector(present)
+        arrays = present
+    return select(arrays[0])
+
+
+def _selector(arrays):
+    if any(isinstance(a, (bool, int, float, complex)) for a in arrays):  # array_namespace skips Python numbers
+        raise TypeError("Python numbers are not arrays")
+    xp = array_api_compat.array_namespace(*arrays)
+    device = array_api_compat.device
+    if array_api_compat.is_numpy_namespace(xp):
+        from .numpy import NumPy
+
+        ops = NumPy(xp, device)
+        return lambda x: ops
+    if array_api_compat.is_torch_namespace(xp):
+        from . import torch
+
+        return torch.select(xp, device)
+    if array_api_compat.is_jax_namespace(xp):
+        from . import jax
+
+        return jax.select(xp, device)
+    lazy = array_api_compat.is_lazy_array(arrays[0])  # Dask, ndonnx: values exist only once computed
+    ops = Generic(xp, device, traced=lazy, on_cpu="cpu" in str(device(arrays[0])).lower())
+    return lambda x: ops
