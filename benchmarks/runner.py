@@ -283,44 +283,37 @@ def _worker(argv):
 RECORD = "@record "
 
 
-class Terminated(BaseException):
-    """SIGTERM (e.g. from ``timeout``): stop, and write what was measured."""
+class Stop:
+    """Why the run stops early (None: it does not): ``stop(reason)`` (from the budget's timer or a signal
+    handler) records it and kills the worker running, whose records up to then are still read."""
+
+    def __init__(self, budget=None):
+        self.reason, self.proc = None, None
+        self.budget = None if budget is None else f"budget of {budget:g} s"  # the budget's reason
+
+    def __call__(self, reason):
+        self.reason = self.reason or reason
+        if self.proc is not None:
+            self.proc.kill()
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
-def run_worker(cmd, env, cwd, deadline, on_record):
-    """Run one worker, passing each record to ``on_record`` as it comes; stop it at ``deadline``
-    (perf_counter seconds, or None).  Returns (exit status, whether the deadline stopped it)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
-    expired = threading.Event()
-
-    def expire():
-        expired.set()
-        proc.kill()
-
-    timer = threading.Timer(max(deadline - time.perf_counter(), 0.0), expire) if deadline is not None else None
+def run_worker(cmd, env, cwd, on_record, stop, deadline=None):
+    """Run one worker, passing each record to ``on_record`` as it comes, until it ends or ``stop`` kills
+    it (at ``deadline``, perf_counter seconds, if given).  Returns its exit status."""
+    stop.proc = proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    timer = None if deadline is None else threading.Timer(max(deadline - time.perf_counter(), 0), stop, [stop.budget])
     if timer:
         timer.start()
-
-    def read():
+    try:
         for line in proc.stdout:
             if line.startswith(RECORD) and line.endswith("\n"):  # a worker killed mid-line left no record
                 on_record(json.loads(line[len(RECORD) :]))
-
-    try:
-        read()
-    except BaseException:  # SIGTERM, Ctrl-C: keep what the worker had written
-        proc.kill()
-        read()
-        raise
     finally:
         if timer:
             timer.cancel()
         proc.wait()
-    return proc.returncode, expired.is_set() and proc.returncode != 0
+        stop.proc = None
+    return proc.returncode
 
 
 def _probe(device, backends, env, cwd):
@@ -339,6 +332,7 @@ def _probe(device, backends, env, cwd):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    start = time.perf_counter()  # the budget counts from here: the whole command takes about that long
     todo = plan(args)
     if not todo:
         log("nothing to run: no implementation matches the options")
@@ -364,7 +358,6 @@ def main(argv=None):
         + ("" if args.budget is None else f", budget {args.budget:.0f} s")
         + f"; output in {args.out}"
     )
-    start = time.perf_counter()
     deadline = None if args.budget is None else start + args.budget
     cache = tempfile.TemporaryDirectory(prefix="xlsce-bench-")
     source = xlsce_source(args.xlsce, root, cache.name)
@@ -382,48 +375,48 @@ def main(argv=None):
     machine.update(loadavg_1_5_15_start=list(os.getloadavg()), device=args.device)
     if devices:
         machine["devices"] = devices
-    results, stopped = [], None
+    results = []
 
     def doc(stopped):
         order = {(c.label, i.key): j for j, (c, i) in enumerate(todo)}
         results.sort(key=lambda r: order.get((report.case_label(r), f"{r['backend']}:{r['impl']}"), len(order)))
         done = {(report.case_label(r), f"{r['backend']}:{r['impl']}") for r in results}
         missing = [f"{i.key} {c.label}" for c, i in todo if (c.label, i.key) not in done]
+        stopped = stopped if missing else None  # a stop after the last measurement cut nothing
         return report.build(results, args, argv, time.perf_counter() - start, machine, stopped, missing)
 
     def on_record(rec):
         results.append(rec)
-        report.write(doc("in progress"), args.out, full=False)  # results.json after each case: a run cut short keeps it
+        report.write(doc("in progress"), args.out, full=False)  # results.json per case: kept if the run is killed
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        offset = 0
-        for st, b in stages:
-            backend = backends[b]
-            if deadline is not None and time.perf_counter() >= deadline:
-                stopped = f"budget of {args.budget:g} s"
-                break
-            # One process per backend (and stage): thread pools of different frameworks never compete.
-            n = sum(1 for t in todo if t[1].backend == backend and stage(args, t) == st)
-            cmd = [sys.executable, "-m", "benchmarks.runner", "--worker", backend, str(st), str(offset)]
-            cmd += [str(len(todo)), str(time.perf_counter() - start), *argv]
-            got = len(results)
-            rc, expired = run_worker(cmd, env, root, deadline, on_record)
-            if expired:
-                stopped = f"budget of {args.budget:g} s"
-                break
-            if rc != 0:
-                log(f"{backend} worker exited with status {rc} after {len(results) - got} of {n} measurements")
-            offset += n
-    except Terminated:
-        stopped = "SIGTERM"
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    stop = Stop(args.budget)
+    # SIGTERM (as from `timeout`) and Ctrl-C stop the worker; what it measured is kept and written
+    handlers = {
+        sig: signal.signal(sig, lambda n, f: stop("SIGTERM" if n == signal.SIGTERM else "interrupted"))
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    offset = 0
+    for st, b in stages:
+        backend = backends[b]
+        if deadline is not None and time.perf_counter() >= deadline:
+            stop(stop.budget)
+        if stop.reason:
+            break
+        # One process per backend (and stage): thread pools of different frameworks never compete.
+        n = sum(1 for t in todo if t[1].backend == backend and stage(args, t) == st)
+        cmd = [sys.executable, "-m", "benchmarks.runner", "--worker", backend, str(st), str(offset)]
+        cmd += [str(len(todo)), str(time.perf_counter() - start), *argv]
+        got = len(results)
+        rc = run_worker(cmd, env, root, on_record, stop, deadline)
+        if rc != 0 and not stop.reason:
+            log(f"{backend} worker exited with status {rc} after {len(results) - got} of {n} measurements")
+        offset += n
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     cache.cleanup()
     machine["loadavg_1_5_15_end"] = list(os.getloadavg())
-    final = doc(stopped)
+    final = doc(stop.reason)
+    stopped = final["stopped"]
     paths = report.write(final, args.out)
     print(report.console(final))
     if stopped:
