@@ -44,5 +44,37 @@ What is measured, per case (shape (N, K), dtype, variant) and implementation:
 
 The results go to ``--out`` (default ``docs/benchmarks/``): ``results.json``,
 ``results.md`` (tables of times, ratios xlsce / best anchor on the same backend,
-memory, and the issue's targets) and ``ratios.png``.
+memory, and the issue's targets) and ``ratios.png``.  ``results.json`` is also
+rewritten after each case, so a run cut short keeps what it measured.
+
+On the GPU, ``python -m benchmarks --device cuda --budget 540`` (output in
+``docs/benchmarks/cuda/`` unless ``--out`` says otherwise):
+
+* torch on CUDA and JAX on its GPU (``JAX_PLATFORMS=cuda``); a backend without one
+  is skipped, and with none the run exits with status 2 before measuring;
+* the cases: (4096, 32768) and (65536, 1000) in float32 and bfloat16, (256, 10) in
+  float32, plain and masked, and the fused linear loss ``--linear 8192x4096x128256``
+  in bfloat16 (``xlsce.linear_cross_entropy`` against the materialised
+  ``cross_entropy(h @ W.T)`` of xlsce and of PyTorch, gradients for h and W);
+* the implementations ``--impl xlsce --impl F.cross_entropy --impl optax --impl
+  floor``: eager and ``torch.compile``, JAX's jit against both optax formulations,
+  and the bandwidth floor (``-z``: reading the logits once and writing a gradient
+  once; its forward, ``sum(z)``, reads them once), to which xlsce's time is compared;
+* 10 runs of at least 0.02 s each, every call followed by ``torch.cuda.synchronize()``
+  (``jax.block_until_ready``) inside the timed region;
+* torch's memory: ``torch.cuda.max_memory_allocated()`` during one forward+backward
+  (outputs held) minus ``torch.cuda.memory_allocated()`` before it, compiled
+  implementations included; JAX's: XLA's memory analysis, as on the CPU;
+* a host-synchronisation check: each torch implementation's forward+backward once
+  under ``torch.cuda.set_sync_debug_mode("error")`` (``host_sync`` in each record:
+  None, or the error that a synchronising operation raised).
+
+``--budget SECONDS`` (on any device) stops the run that many seconds after it started: the
+worker process measuring is stopped (its case under way is lost), and what was
+measured is written, with the measurements not made listed (``not_measured``,
+``stopped`` in ``results.json``, "Partial results" in ``results.md``).  With a budget
+the stages run in order of priority, each backend's in a process of its own: the
+eager implementations, then the linear loss, then ``torch.compile`` (10 to 30 s to
+compile per case), so the budget cuts the compiled variants first.  SIGTERM (as from
+``timeout``) also stops the run and writes what was measured (exit status 124).
 """

@@ -10,6 +10,13 @@ the summed weights of the counted targets; ignored positions do not count):
 Anchors are what a user would otherwise write: the framework's own loss, optax,
 a hand-written NumPy forward with its analytic gradient, and the one-hot code of
 typical blog posts (log_softmax, one_hot, (1-eps) onehot + eps/K, sum).
+
+The fused linear loss's implementations (``linear``) take (hidden, classifier,
+target) and return the gradients for hidden and classifier: ``xlsce-linear`` is
+``xlsce.linear_cross_entropy``, the anchors ``...-materialised`` apply a loss to
+``hidden @ classifier.T``.  The ``floor`` (selected only by ``--impl floor``) is
+not a loss: its forward reads the logits once (a sum), its forward+backward
+reads them once and writes a gradient once (a negation), the bandwidth floor.
 """
 
 from __future__ import annotations
@@ -40,39 +47,52 @@ class Bound:
     grad_l1: Callable  # gradient -> Python float (sum of |g|, accumulated in float64/float32)
     memory_analysis: Callable | None = None  # JAX: compiled fwdbwd's memory analysis
     compiled_text: Callable | None = None  # JAX: compiled fwdbwd's optimised HLO (benchmarks.profile)
+    host_sync: Callable | None = None  # torch on CUDA: None, or why fwdbwd synchronised with the host
 
 
 @dataclass(frozen=True)
 class Impl:
     backend: str
     name: str
-    role: str  # "xlsce" | "anchor"
+    role: str  # "xlsce" | "anchor" | "floor"
     description: str
     compiled: bool = False  # torch.compile: slow to build, skipped by --no-compile
+    linear: bool = False  # the fused linear loss: the cases with a hidden size
 
     @property
     def key(self):
         return f"{self.backend}:{self.name}"
 
     def supports(self, case: Case):
-        return not (self.backend == "numpy" and case.dtype != "float32")
+        if self.backend == "numpy" and case.dtype != "float32":
+            return False
+        return self.linear == (case.h is not None) and (case.variant == "plain" or not self.linear)
 
     def bind(self, arrays) -> Bound:
-        return _BINDERS[self.backend](self, arrays)
+        return (_bind_floor if self.role == "floor" else _BINDERS[self.backend])(self, arrays)
 
 
+FLOOR = "bandwidth floor, not a loss: -z, one read and one write (fwd: sum(z), one read)"
 IMPLS = (
     Impl("numpy", "xlsce", "xlsce", "xlsce.value_and_grad / xlsce.cross_entropy"),
     Impl("numpy", "handwritten", "anchor", "hand-written NumPy forward + analytic gradient"),
+    Impl("numpy", "floor", "floor", FLOOR),
     Impl("jax", "xlsce", "xlsce", "jax.jit(jax.value_and_grad(xlsce.cross_entropy))"),
     Impl("jax", "optax-smooth", "anchor", "optax.smooth_labels + optax.softmax_cross_entropy, jit"),
     Impl("jax", "optax-int", "anchor", "lse - (1-eps) z_y - eps mean(z) (integer labels), jit"),
     Impl("jax", "onehot", "anchor", "blog code: log_softmax, one_hot, (1-eps) onehot + eps/K, sum; jit"),
+    Impl("jax", "floor", "floor", FLOOR),
     Impl("torch", "xlsce", "xlsce", "xlsce.cross_entropy, eager autograd"),
     Impl("torch", "xlsce-compile", "xlsce", "torch.compile(xlsce.cross_entropy)", compiled=True),
     Impl("torch", "F.cross_entropy", "anchor", "torch.nn.functional.cross_entropy(label_smoothing=...), eager"),
     Impl("torch", "F.cross_entropy-compile", "anchor", "torch.compile(F.cross_entropy)", compiled=True),
     Impl("torch", "onehot", "anchor", "blog code: log_softmax, one_hot, (1-eps) onehot + eps/K, sum; eager"),
+    Impl("torch", "floor", "floor", FLOOR),
+    Impl("jax", "xlsce-linear", "xlsce", "jit(value_and_grad(xlsce.linear_cross_entropy))", linear=True),
+    Impl("jax", "xlsce-materialised", "anchor", "jit(value_and_grad(xlsce.cross_entropy(h @ W.T)))", linear=True),
+    Impl("torch", "xlsce-linear", "xlsce", "xlsce.linear_cross_entropy, eager autograd", linear=True),
+    Impl("torch", "xlsce-materialised", "anchor", "xlsce.cross_entropy(h @ W.T), eager autograd", linear=True),
+    Impl("torch", "F.cross_entropy-materialised", "anchor", "F.cross_entropy(h @ W.T), eager", linear=True),
 )
 
 
@@ -83,27 +103,59 @@ def find_impl(key: str) -> Impl:
     raise KeyError(key)
 
 
-def to_backend(backend: str, case: Case, logits, target, weight):
-    """The case's NumPy inputs as (logits, target, weight) of ``backend`` in the case's dtype."""
+def to_backend(backend: str, case: Case, *arrays, device: str = "cpu"):
+    """The case's NumPy inputs (:func:`cases.make_inputs`) as arrays of ``backend``, floating-point ones in
+    the case's dtype, on ``device`` (torch; JAX's arrays go to its default device, see ``JAX_PLATFORMS``)."""
     if backend == "numpy":
-        return logits, target, weight
+        return arrays
     if backend == "torch":
         import torch
 
-        dt = getattr(torch, case.dtype)
-        z = torch.from_numpy(logits)  # shares memory for float32
-        if z.dtype != dt:
-            z = z.to(dt)
-        w = None if weight is None else torch.from_numpy(weight).to(dt)
-        return z, torch.from_numpy(target), w
-    if backend == "jax":
+        def convert(a):
+            t = torch.from_numpy(a)  # shares memory for float32 on the CPU
+            return t.to(device, getattr(torch, case.dtype) if t.is_floating_point() else None)
+
+    elif backend == "jax":
         import jax.numpy as jnp
 
-        dt = getattr(jnp, case.dtype)
-        z = jnp.asarray(logits).astype(dt)
-        w = None if weight is None else jnp.asarray(weight).astype(dt)
-        return z, jnp.asarray(target), w
-    raise ValueError(backend)
+        def convert(a):
+            x = jnp.asarray(a)
+            return x.astype(case.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    else:
+        raise ValueError(backend)
+    return tuple(None if a is None else convert(a) for a in arrays)
+
+
+def probe(device: str, backends):
+    """backend -> {"device": what it runs on} or {"error": why it cannot run on ``device``}."""
+    out = {}
+    for backend in backends:
+        try:
+            if backend == "torch":
+                import torch
+
+                if device == "cuda" and not torch.cuda.is_available():
+                    raise RuntimeError(f"torch {torch.__version__}: torch.cuda.is_available() is False")
+                name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+                out[backend] = {"device": f"{name} (CUDA {torch.version.cuda})" if device == "cuda" else name}
+            elif backend == "jax":
+                import jax
+
+                d = jax.devices("gpu" if device == "cuda" else "cpu")[0]
+                out[backend] = {"device": f"{d.platform}: {d.device_kind}"}
+            elif device != "cpu":
+                raise RuntimeError(f"{backend} runs on the CPU only")
+            else:
+                out[backend] = {"device": "cpu"}
+        except Exception as e:  # noqa: BLE001 - reported, and the backend skipped
+            out[backend] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+    return out
+
+
+def _l1(grads, norm):
+    """Sum of |g| over a gradient or a tuple of them (the linear loss's)."""
+    return sum(norm(g) for g in (grads if isinstance(grads, tuple) else (grads,)))
 
 
 # --------------------------------------------------------------------------- numpy
@@ -202,6 +254,17 @@ def _jax_loss(name):
         def loss(z, y, w):
             return xlsce.cross_entropy(z, y, label_smoothing=EPS, weight=w)
 
+    elif name == "xlsce-linear":
+
+        def loss(h, c, y):
+            return xlsce.linear_cross_entropy(h, c, y, label_smoothing=EPS)
+
+    elif name.endswith("-materialised"):
+        base = _jax_loss(name.removesuffix("-materialised"))
+
+        def loss(h, c, y):
+            return base(h @ c.T, y, None)
+
     elif name == "optax-smooth":
         import optax
 
@@ -243,23 +306,22 @@ def _bind_jax(impl: Impl, arrays):
     import jax
     import jax.numpy as jnp
 
-    z, y, w = arrays
     loss = _jax_loss(impl.name)
     f = jax.jit(loss)
-    fg = jax.jit(jax.value_and_grad(loss))
+    fg = jax.jit(jax.value_and_grad(loss, argnums=(0, 1) if impl.linear else 0))
     l1 = jax.jit(lambda g: jnp.sum(jnp.abs(g.astype(jnp.float32))))
 
     def memory_analysis():
-        return fg.lower(z, y, w).compile().memory_analysis()
+        return fg.lower(*arrays).compile().memory_analysis()
 
     return Bound(
-        fwd=lambda: f(z, y, w),
-        fwdbwd=lambda: fg(z, y, w),
+        fwd=lambda: f(*arrays),
+        fwdbwd=lambda: fg(*arrays),
         sync=jax.block_until_ready,
         loss_value=float,
-        grad_l1=lambda g: float(l1(g)),
+        grad_l1=lambda g: _l1(g, lambda x: float(l1(x))),
         memory_analysis=memory_analysis,
-        compiled_text=lambda: fg.lower(z, y, w).compile().as_text(),
+        compiled_text=lambda: fg.lower(*arrays).compile().as_text(),
     )
 
 
@@ -272,7 +334,18 @@ def _torch_loss(name):
 
     import xlsce
 
-    if name.startswith("xlsce"):
+    if name == "xlsce-linear":
+
+        def loss(h, c, y):
+            return xlsce.linear_cross_entropy(h, c, y, label_smoothing=EPS)
+
+    elif name.endswith("-materialised"):
+        base = _torch_loss(name.removesuffix("-materialised"))
+
+        def loss(h, c, y):
+            return base(h @ c.T, y, None)
+
+    elif name.startswith("xlsce"):
 
         def loss(z, y, w):
             return xlsce.cross_entropy(z, y, label_smoothing=EPS, weight=w)
@@ -303,24 +376,85 @@ def _torch_loss(name):
     return loss
 
 
+def _torch_sync(device):
+    """Wait for the device (CUDA runs asynchronously; the CPU needs nothing)."""
+    import torch
+
+    if device.type != "cuda":
+        return lambda out: out
+
+    def sync(out):
+        torch.cuda.synchronize(device)
+        return out
+
+    return sync
+
+
+def _torch_host_sync(fn, device):
+    """None if ``fn()`` runs without synchronising with the host (``torch.cuda.set_sync_debug_mode``), else why."""
+    import torch
+
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return None
+    except RuntimeError as e:
+        return str(e).splitlines()[0][:200]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize(device)
+
+
 def _bind_torch(impl: Impl, arrays):
     import torch
 
-    z, y, w = arrays
     loss = _torch_loss(impl.name)
-    zr = z.detach().requires_grad_(True)
+    n = 2 if impl.linear else 1  # differentiated: the logits, or the hidden states and the classifier
+    wrt = [a.detach().requires_grad_(True) for a in arrays[:n]]
 
     def fwdbwd():
-        out = loss(zr, y, w)
-        (g,) = torch.autograd.grad(out, zr)
-        return out.detach(), g
+        out = loss(*wrt, *arrays[n:])
+        grads = torch.autograd.grad(out, wrt)
+        return out.detach(), grads if impl.linear else grads[0]
 
+    device = arrays[0].device
     return Bound(
-        fwd=lambda: loss(z, y, w),
+        fwd=lambda: loss(*arrays),
         fwdbwd=fwdbwd,
-        sync=lambda out: out,
+        sync=_torch_sync(device),
         loss_value=lambda v: float(v.float()),
-        grad_l1=lambda g: float(torch.linalg.vector_norm(g, ord=1, dtype=torch.float64)),
+        grad_l1=lambda g: _l1(g, lambda x: float(torch.linalg.vector_norm(x, ord=1, dtype=torch.float64))),
+        host_sync=(lambda: _torch_host_sync(fwdbwd, device)) if device.type == "cuda" else None,
+    )
+
+
+def _bind_floor(impl: Impl, arrays):
+    """The bandwidth floor on the logits: fwd reads them once, fwdbwd also writes a gradient once."""
+    z = arrays[0]
+    memory_analysis, sync = None, lambda out: out
+    if impl.backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        neg, total, sync = jax.jit(jnp.negative), jax.jit(jnp.sum), jax.block_until_ready
+
+        def memory_analysis():
+            return neg.lower(z).compile().memory_analysis()
+
+    elif impl.backend == "torch":
+        import torch
+
+        neg, total, sync = torch.neg, torch.sum, _torch_sync(z.device)
+    else:
+        neg, total = np.negative, np.sum
+    return Bound(
+        fwd=lambda: total(z),
+        fwdbwd=lambda: (None, neg(z)),
+        sync=sync,
+        loss_value=lambda v: None,
+        grad_l1=lambda g: None,
+        memory_analysis=memory_analysis,
     )
 
 

@@ -46,6 +46,7 @@ import time
 
 import numpy as np
 
+from .cases import linear_inputs
 from .memory import reset_peak, status_kib
 
 FULL = dict(n=8192, h=1024, v=65536)
@@ -54,21 +55,13 @@ EPS = 0.1
 TARGETS = dict(memory=0.25, time=1.2)
 
 
-def _inputs(n, h, v, seed=0):
-    rng = np.random.default_rng(seed)
-    hidden = rng.standard_normal((n, h), dtype=np.float32)
-    classifier = rng.standard_normal((v, h), dtype=np.float32) * np.float32(h**-0.5)
-    target = rng.integers(0, v, size=n)
-    return hidden, classifier, target
-
-
 def _torch_worker(impl, n, h, v, chunk, runs):
     import torch
 
     import xlsce
 
     torch.manual_seed(0)
-    hidden, classifier, target = _inputs(n, h, v)
+    hidden, classifier, target = linear_inputs(n, h, v)
     hidden = torch.from_numpy(hidden).requires_grad_()
     classifier = torch.from_numpy(classifier).requires_grad_()
     target = torch.from_numpy(target)
@@ -116,7 +109,7 @@ def _jax_worker(impl, n, h, v, chunk, runs):
 
     jax.config.update("jax_enable_x64", False)
     jnp = jax.numpy
-    hidden, classifier, target = (jnp.asarray(a) for a in _inputs(n, h, v))
+    hidden, classifier, target = (jnp.asarray(a) for a in linear_inputs(n, h, v))
     target = target.astype(jnp.int32)
 
     def loss_fn(hh, ww, tt):
@@ -158,7 +151,7 @@ def products(backend, shape, chunk, runs=5):
     ``W h^T`` for the logits, then ``dh`` and the ``dW`` accumulation from either.
     """
     c, h, v = chunk, shape["h"], shape["v"]
-    hidden, classifier, _ = _inputs(c, h, v)
+    hidden, classifier, _ = linear_inputs(c, h, v)
     grad = np.random.default_rng(1).standard_normal((c, v), dtype=np.float32)
     if backend == "torch":
         import torch

@@ -6,6 +6,8 @@ inputs, call once (warm-up), reset the peak-RSS counter, call again holding the
 outputs, and report VmHWM - VmRSS(before).  NumPy also gets the tracemalloc peak.
 Run by hand it keeps the caller's environment; ``python -m benchmarks`` starts it
 with ``MALLOC_ENV`` (glibc reads those variables when the process starts).
+On CUDA (``--device cuda``), torch's memory is :func:`cuda_memory`, in the process
+that times it; JAX's is XLA's memory analysis (:func:`jax_memory`) on every device.
 """
 
 from __future__ import annotations
@@ -51,8 +53,7 @@ def measure_here(spec):
     warnings.filterwarnings("ignore")
     use_source()
     impl = find_impl(spec["impl"])
-    n, k = spec["shape"]
-    case = Case(n, k, spec["dtype"], spec["variant"])
+    case = Case.from_json(spec)
     arrays = to_backend(impl.backend, case, *make_inputs(case))
     bound = impl.bind(arrays)
     out = bound.sync(bound.fwdbwd())  # warm-up: compilation, lazy initialisation
@@ -112,6 +113,25 @@ def measure_subprocess(impl, case: Case, timeout=600):
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
     return json.loads(lines[-1])
+
+
+def cuda_memory(bound, case: Case):
+    """Net memory of a torch forward+backward on CUDA: the allocator's peak during one call (outputs held)."""
+    import torch
+
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = bound.sync(bound.fwdbwd())
+    net = torch.cuda.max_memory_allocated() - before
+    del out
+    return {
+        "method": "torch.cuda.max_memory_allocated during one call minus memory_allocated before",
+        "peak_net_bytes": int(net),
+        "logits_bytes": case.logits_bytes,
+        "multiple": net / case.logits_bytes,
+    }
 
 
 def jax_memory(bound, case: Case):

@@ -9,6 +9,8 @@ import os
 import platform
 import subprocess
 
+from .cases import label as _case_text
+
 # The issue's targets: (backend, xlsce impl, anchor impls (best of), shapes or None for all, limit)
 TIME_TARGETS = (
     ("torch", "xlsce", ("F.cross_entropy",), ((65536, 1000), (4096, 32768)), 0.8),
@@ -40,7 +42,8 @@ def brief(rec):
 
 
 def _case_key(rec):
-    return (tuple(rec["shape"]), rec["dtype"], rec["variant"])
+    """The case of a record (or of a ratio row): shape, dtype, variant, hidden size (None)."""
+    return (tuple(rec["shape"]), rec["dtype"], rec["variant"], rec.get("hidden"))
 
 
 def case_label(rec):
@@ -48,8 +51,7 @@ def case_label(rec):
 
 
 def _label(key):
-    (n, k), dtype, variant = key
-    return f"{n}x{k} {dtype} {variant}"
+    return _case_text(*key)
 
 
 def _groups(results):
@@ -62,25 +64,31 @@ def _groups(results):
 def _check(results):
     """Each implementation's loss and |grad|_1 against xlsce's on the same case and backend."""
     for (key, _), recs in _groups(results).items():
-        ok = [r for r in recs if _ok(r)]
-        ref = next((r for r in ok if r["impl"] == "xlsce"), ok[0] if ok else None)
+        ok = [r for r in recs if _ok(r) and r["role"] != "floor"]  # the floor computes no loss
+        ref = min(ok, key=lambda r: (r["impl"] != "xlsce", r["role"] != "xlsce"), default=None)
         for r in ok:
             rel = max(abs(r[f] - ref[f]) / max(abs(ref[f]), 1e-30) for f in ("loss", "grad_l1"))
             r["check"] = {"against": ref["impl"], "max_rel_diff": rel, "ok": rel <= CHECK_RTOL[key[1]]}
 
 
 def ratios(results):
-    """xlsce implementation / best anchor on the same backend and case, for time and memory."""
+    """xlsce implementation / best anchor on the same backend and case, for time and memory (and / the
+    bandwidth floor where it was measured)."""
     rows = []
     for (key, backend), recs in _groups(results).items():
         anchors = [r for r in recs if r["role"] == "anchor" and _ok(r)]
+        floor = next((r for r in recs if r["role"] == "floor" and _ok(r)), None)
         for x in (r for r in recs if r["role"] == "xlsce" and _ok(r)):
             row = {"backend": backend, "xlsce": x["impl"], "shape": list(key[0]), "dtype": key[1], "variant": key[2]}
+            if key[3] is not None:
+                row["hidden"] = key[3]
             for phase in ("fwd", "fwdbwd"):
                 if anchors:
                     best = min(anchors, key=lambda r, p=phase: r[p]["median_s"])
                     row[phase] = x[phase]["median_s"] / best[phase]["median_s"]
                     row[f"{phase}_anchor"] = best["impl"]
+                if floor:
+                    row[f"{phase}_floor"] = x[phase]["median_s"] / floor[phase]["median_s"]
             mems = [r for r in anchors if "multiple" in r.get("memory", {})]
             if "multiple" in x.get("memory", {}) and mems:
                 best = min(mems, key=lambda r: r["memory"]["peak_net_bytes"])
@@ -169,20 +177,17 @@ def machine_info():
     return info
 
 
-def build(results, args, argv, elapsed, load=None, source=None):
+def build(results, args, argv, elapsed, machine, stopped=None, not_measured=()):
+    """The document written: ``stopped`` says why a run ended early (None: it did not), ``not_measured``
+    lists the measurements it did not make ("backend:impl case")."""
     _check(results)
-    machine = machine_info()
-    if source is not None:
-        machine["xlsce_source"] = source["describe"]
-        machine["xlsce_sha256"] = source["sha256"]
-    if load is not None:
-        machine["loadavg_1_5_15_start"], machine["loadavg_1_5_15_end"] = (list(x) for x in load)
-    machine["threads_option"] = args.threads
     return {
         "machine": machine,
         "command": "python -m benchmarks " + " ".join(argv),
         "settings": {
             "quick": args.quick,
+            "device": args.device,
+            "budget_s": args.budget,
             "runs": args.runs,
             "min_time_s": args.min_time,
             "memory": not args.no_memory,
@@ -191,6 +196,8 @@ def build(results, args, argv, elapsed, load=None, source=None):
             "reduction": "mean",
         },
         "elapsed_s": elapsed,
+        "stopped": stopped,
+        "not_measured": list(not_measured),
         "results": results,
         "ratios": ratios(results),
         "targets": targets(results),
@@ -203,6 +210,12 @@ def _fmt(x, spec=".2f"):
 
 def markdown(doc):
     m = doc["machine"]
+    cuda = doc["settings"]["device"] == "cuda"
+    memory_method = (
+        "PyTorch from its CUDA allocator (`torch.cuda.max_memory_allocated`), JAX from XLA's memory analysis."
+        if cuda
+        else "PyTorch/NumPy measured in a fresh process per case (RSS high-water mark), JAX from XLA's memory analysis."
+    )
     lines = [
         "# xlsce benchmarks",
         "",
@@ -212,16 +225,25 @@ def markdown(doc):
         "",
         f"Machine: {m.get('platform')}, {m.get('cpu_count')} CPUs ({m.get('cpus_usable')} usable), "
         f"{m.get('mem_total_gib')} GiB; Python {m.get('python')}, NumPy {m.get('numpy')}, "
-        f"PyTorch {m.get('torch')} ({m.get('torch_threads')} threads), JAX {m.get('jax')}, optax {m.get('optax')}.",
+        f"PyTorch {m.get('torch')} ({m.get('torch_threads')} threads), JAX {m.get('jax')}, optax {m.get('optax')}."
+        + "".join(f" {b}: {d.get('device') or d.get('error')}." for b, d in (m.get("devices") or {}).items()),
         "",
         "label_smoothing=0.1, reduction='mean'; *masked* = class weights and 10% ignored positions. "
         "Times: median of "
         f"{doc['settings']['runs']} runs after a warm-up, per call, the implementations of a case timed in turns. Memory: peak net of the inputs during one "
         "forward+backward (so it includes the returned gradient), as a multiple of the logits' size; "
-        "PyTorch/NumPy measured in a fresh process per case (RSS high-water mark), JAX from XLA's memory analysis. "
-        "See `benchmarks/__init__.py` for the method.",
+        f"{memory_method} See `benchmarks/__init__.py` for the method.",
         "",
     ]
+    if doc.get("stopped"):
+        missing = doc["not_measured"]
+        lines += [
+            f"**Partial results** (stopped: {doc['stopped']}): {len(missing)} measurements not made"
+            + "".join(f"{', ' if i else ': '}`{x}`" for i, x in enumerate(missing[:20]))
+            + (", ..." if len(missing) > 20 else "")
+            + ".",
+            "",
+        ]
     loads = [m.get("loadavg_1_5_15_start"), m.get("loadavg_1_5_15_end")]
     if all(loads):
         busy = max(loads[0][1], loads[1][0]) > 0.75 * (m.get("cpus_usable") or 1)
@@ -250,10 +272,42 @@ def markdown(doc):
     ]
     for r in doc["ratios"]:
         lines.append(
-            f"| {_label((tuple(r['shape']), r['dtype'], r['variant']))} | {r['backend']} | {r['xlsce']} | "
+            f"| {case_label(r)} | {r['backend']} | {r['xlsce']} | "
             f"{_fmt(r.get('fwd'))} | {r.get('fwd_anchor', '—')} | {_fmt(r.get('fwdbwd'))} | "
             f"{r.get('fwdbwd_anchor', '—')} | {_fmt(r.get('memory'))} | {r.get('memory_anchor', '—')} |"
         )
+    floors = [r for r in doc["ratios"] if "fwdbwd_floor" in r]
+    if floors:
+        lines += [
+            "",
+            "## Against the bandwidth floor",
+            "",
+            "xlsce's time / the floor's: reading the logits once (fwd) and also writing a gradient once (fwd+bwd).",
+            "",
+            "| case | backend | xlsce | fwd | fwd+bwd |",
+            "|---|---|---|---:|---:|",
+        ]
+        for r in floors:
+            lines.append(
+                f"| {case_label(r)} | {r['backend']} | {r['xlsce']} | {_fmt(r.get('fwd_floor'))} | "
+                f"{_fmt(r['fwdbwd_floor'])} |"
+            )
+    synced = {}
+    for r in doc["results"]:
+        if "host_sync" in r:
+            synced.setdefault(f"{r['backend']}:{r['impl']}", []).append(r["host_sync"])
+    if synced:
+        lines += [
+            "",
+            "## Host synchronisations (CUDA)",
+            "",
+            'One forward+backward under `torch.cuda.set_sync_debug_mode("error")`, per case:',
+            "",
+        ]
+        for key, found in synced.items():
+            bad = [x for x in found if x]
+            text = "none" if not bad else f"in {len(bad)} of {len(found)} cases (`{bad[0]}`)"
+            lines.append(f"- `{key}`: {text}")
     lines += [
         "",
         "## Absolute results",
@@ -294,7 +348,7 @@ def chart(doc, path):
     import matplotlib.pyplot as plt
 
     rows = doc["ratios"]
-    cases = list(dict.fromkeys(_label((tuple(r["shape"]), r["dtype"], r["variant"])) for r in rows))
+    cases = list(dict.fromkeys(case_label(r) for r in rows))
     series = list(dict.fromkeys(f"{r['backend']}:{r['xlsce']}" for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.4 * len(cases) + 4), 5), sharey=True)
     width = 0.8 / max(len(series), 1)
@@ -303,10 +357,7 @@ def chart(doc, path):
             xs, ys = [], []
             for i, c in enumerate(cases):
                 for r in rows:
-                    if (
-                        f"{r['backend']}:{r['xlsce']}" == s
-                        and _label((tuple(r["shape"]), r["dtype"], r["variant"])) == c
-                    ):
+                    if f"{r['backend']}:{r['xlsce']}" == s and case_label(r) == c:
                         if r.get(phase) is not None:
                             xs.append(i + (j - (len(series) - 1) / 2) * width)
                             ys.append(r[phase])
@@ -323,15 +374,22 @@ def chart(doc, path):
     plt.close(fig)
 
 
-def write(doc, out):
+def write(doc, out, full=True):
+    """results.json, and unless ``full`` is false results.md and ratios.png (when matplotlib is there)."""
     os.makedirs(out, exist_ok=True)
     paths = [os.path.join(out, name) for name in ("results.json", "results.md", "ratios.png")]
-    with open(paths[0], "w") as f:
+    with open(paths[0] + ".tmp", "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
+    os.replace(paths[0] + ".tmp", paths[0])
+    if not full:
+        return paths[:1]
     with open(paths[1], "w") as f:
         f.write(markdown(doc))
-    chart(doc, paths[2])
+    try:
+        chart(doc, paths[2])
+    except ImportError:  # matplotlib: the tables are written anyway
+        return paths[:2]
     return paths
 
 

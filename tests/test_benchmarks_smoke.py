@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -146,3 +147,102 @@ def test_ab_runs_both_copies_in_one_process():
     lines = [line for line in proc.stdout.splitlines() if "B/A" in line]
     assert len(lines) == 2 * len(BACKENDS), proc.stdout
     assert "git revision HEAD" in proc.stdout
+
+
+# --device, --budget, --linear, --impl floor: the options a GPU run uses, on the CPU
+
+
+def _bench(args, out, **kw):
+    cmd = [sys.executable, "-m", "benchmarks", "--out", str(out), "--min-time", "0.001", *args]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _gpu_present():
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return True
+    except ImportError:
+        pass
+    try:
+        import jax
+
+        return bool(jax.devices("gpu"))
+    except (ImportError, RuntimeError):
+        return False
+
+
+@pytest.mark.skipif("torch" not in BACKENDS or "jax" not in BACKENDS, reason="needs torch and jax")
+def test_staged_run_with_linear_loss_and_floor(tmp_path):
+    # with a --budget, each backend's eager cases, then its linear loss, run in processes of their own
+    args = ["--backend", "torch", "--backend", "jax", "--shape", "64x10", "--variant", "masked", "--dtype", "float32"]
+    args += ["--linear", "32x8x50", "--impl", "xlsce", "--impl", "floor", "--impl", "materialised", "--no-compile"]
+    args += ["--budget", "600", "--runs", "2", "--memory-min-size", "1000"]
+    proc = _bench(args, tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "4 processes" in err
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["stopped"] is None and doc["not_measured"] == [] and doc["settings"]["budget_s"] == 600
+    impls = {(r["backend"], r["impl"], r.get("hidden")) for r in doc["results"]}
+    assert impls == {
+        *((b, i, None) for b in ("torch", "jax") for i in ("xlsce", "floor")),
+        *(("jax", i, 8) for i in ("xlsce-linear", "xlsce-materialised")),
+        *(("torch", i, 8) for i in ("xlsce-linear", "xlsce-materialised", "F.cross_entropy-materialised")),
+    }
+    for r in doc["results"]:
+        assert "error" not in r, r
+        if r["impl"] == "floor":
+            assert "check" not in r and r["loss"] is None
+        else:
+            assert r["check"]["ok"], r
+        if r.get("hidden"):
+            assert r["check"]["against"] == "xlsce-linear" and "multiple" in r["memory"]
+    linear = [row for row in doc["ratios"] if row.get("hidden")]
+    assert {row["backend"] for row in linear} == {"torch", "jax"} and all(row["fwdbwd"] > 0 for row in linear)
+    floors = [row for row in doc["ratios"] if "fwdbwd_floor" in row]
+    assert {row["backend"] for row in floors} == {"torch", "jax"}
+    md = (tmp_path / "results.md").read_text()
+    assert "## Against the bandwidth floor" in md and "| linear 32x8x50 float32 | torch | xlsce-linear |" in md
+    assert "Partial results" not in md
+
+
+def test_budget_spent_writes_partial_results(tmp_path):
+    proc = _bench(["--backend", BACKENDS[0], "--shape", "64x10", "--impl", "xlsce", "--budget", "0"], tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["stopped"] == "budget of 0 s" and doc["results"] == []
+    assert doc["not_measured"] == [f"{BACKENDS[0]}:xlsce 64x10 float32 {v}" for v in ("plain", "masked")]
+    md = (tmp_path / "results.md").read_text()
+    assert "**Partial results** (stopped: budget of 0 s): 2 measurements not made" in md
+
+
+def test_sigterm_keeps_what_was_measured(tmp_path):
+    # as a `timeout` would stop it: the measured case is written, the rest listed as not measured
+    args = ["--backend", BACKENDS[0], "--shape", "64x10", "--shape", "2000x3000", "--impl", "xlsce", "--no-memory"]
+    proc = _bench(args, tmp_path)
+    for line in proc.stderr:
+        if line.startswith("[1/"):  # the first record is on its way
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 124, err[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["stopped"] == "SIGTERM"
+    assert [r["shape"] for r in doc["results"]][:1] == [[64, 10]]
+    assert len(doc["results"]) + len(doc["not_measured"]) == 4 and doc["not_measured"]
+
+
+@pytest.mark.skipif(_gpu_present(), reason="a GPU is present")
+def test_device_cuda_without_a_gpu_fails_clearly(tmp_path):
+    proc = _bench(["--device", "cuda"], tmp_path / "out")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert "error: --device cuda: no backend can run there" in err
+    for backend in BACKENDS:
+        if backend != "numpy":
+            assert f"{backend}: skipped, cannot run on cuda" in err
+    assert not (tmp_path / "out").exists()
