@@ -122,7 +122,6 @@ def validate(
         libs = {name: type(v).__module__.split(".")[0] for name, v in named if v is not None}
         raise TypeError(f"logits, target, weight and where must come from one array library, got {libs}") from e
 
-    xp = ops.xp
     if logits.dtype not in ops.floats:
         raise TypeError(f"logits must have a real floating dtype, got {logits.dtype}")
     ndim = logits.ndim

@@ -156,7 +156,7 @@ def forward(ops, cfg: Config, logits, target, weight=None, where=None, g=None, g
         blocks, out_dtype = (logits, soft_target, y, w_y), None
     else:
         g = g if type(g) is float else _cotangent(ops, cfg, g, dt)
-        gs = g * scale if type(scale) is float or not type(g) is float or g != 1 else scale
+        gs = g * scale if type(scale) is float or type(g) is not float or g != 1 else scale
 
         def terms(logits, target, y, w_y, gs, out=None):
             return _position_terms(ops, cfg, logits, target, y, wv, w_y, gs, out)
@@ -170,7 +170,7 @@ def forward(ops, cfg: Config, logits, target, weight=None, where=None, g=None, g
     # for "sum"/"mean" the product with the reduction's factor (0 where ignored), which also divides.
     res = Residuals(lse, coef, a_res, b, scale, y, masked, lse_out)
     finite = not masked and (cfg.eps > 0 or cfg.soft) and ops.eager
-    if valid is not None and finite and cfg.reduction != "none" and not type(scale) is float:
+    if valid is not None and finite and cfg.reduction != "none" and type(scale) is not float:
         return _result(xp, xp.sum(loss * scale), logits, res, dz)
     if valid is not None:
         loss = loss * xp.astype(valid, loss.dtype) if finite else xp.where(valid, loss, 0.0)

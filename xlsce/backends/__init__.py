@@ -4,16 +4,16 @@
 * :mod:`~xlsce.backends.numpy`, :mod:`~xlsce.backends.torch`, :mod:`~xlsce.backends.jax`: the
   overrides of each framework, with its autodiff registration.
 
-:func:`backend` is the one place that asks array-api-compat (the only module that imports it)
-which library the arrays belong to; the answer depends on their types alone and is cached.
-A framework's backend module, and so the framework, is imported the first time one of its
-arrays is seen.
+:func:`backend` is the one place that asks array-api-compat (through ``_compat``, the only module
+that imports it) which library the arrays belong to; the answer depends on their types alone and
+is cached.  A framework's backend module, and so the framework, is imported the first time one of
+its arrays is seen; it makes its backend objects (one per mode) when it is imported, which
+``torch.compile`` runs untraced, so that a compiled call may be the first xlsce call of a process.
 """
 
 from __future__ import annotations
 
-import array_api_compat
-
+from . import _compat
 from .generic import API_VERSION, Generic
 
 __all__ = ["API_VERSION", "Generic", "backend"]
@@ -39,21 +39,20 @@ def backend(*arrays):
 def _selector(arrays):
     if any(isinstance(a, (bool, int, float, complex)) for a in arrays):  # array_namespace skips Python numbers
         raise TypeError("Python numbers are not arrays")
-    xp = array_api_compat.array_namespace(*arrays)
-    device = array_api_compat.device
-    if array_api_compat.is_numpy_namespace(xp):
+    xp = _compat.array_namespace(*arrays)
+    if _compat.is_numpy_namespace(xp):
         from .numpy import NumPy
 
-        ops = NumPy(xp, device)
+        ops = NumPy(xp, _compat.device)
         return lambda x: ops
-    if array_api_compat.is_torch_namespace(xp):
+    if _compat.is_torch_namespace(xp):
         from . import torch
 
-        return torch.select(xp, device)
-    if array_api_compat.is_jax_namespace(xp):
+        return torch.backend
+    if _compat.is_jax_namespace(xp):
         from . import jax
 
-        return jax.select(xp, device)
-    lazy = array_api_compat.is_lazy_array(arrays[0])  # Dask, ndonnx: values exist only once computed
-    ops = Generic(xp, device, traced=lazy, on_cpu="cpu" in str(device(arrays[0])).lower())
+        return jax.backend
+    lazy = _compat.is_lazy_array(arrays[0])  # Dask, ndonnx: values exist only once computed
+    ops = Generic(xp, _compat.device, traced=lazy, on_cpu="cpu" in str(_compat.device(arrays[0])).lower())
     return lambda x: ops

@@ -19,9 +19,8 @@ from jax.custom_derivatives import SymbolicZero
 
 from .. import _linear, _math
 from .._types import Residuals
-from . import generic
+from . import _compat, generic
 from .generic import Generic
-
 
 
 class Jax(Generic):
@@ -144,21 +143,13 @@ class Jax(Generic):
         return _linear_loss(self, cfg, chunk, hidden, classifier, bias, target, weight, where)
 
 
-_INSTANCES = {}
+# One backend object per mode (traced or not), made at import.
+_INSTANCES = {traced: Jax(jnp, _compat.device, traced=traced) for traced in (False, True)}
 
 
-def select(xp, device):
-    """The backend for a call whose first array is ``x``: traced (a tracer) or not, made once each."""
-
-    def backend(x):
-        traced = isinstance(x, jax.core.Tracer)
-        try:
-            return _INSTANCES[traced]
-        except KeyError:
-            ops = _INSTANCES[traced] = Jax(xp, device, traced=traced)
-            return ops
-
-    return backend
+def backend(x):
+    """The backend for a call whose first array is ``x``: traced (a tracer) or not."""
+    return _INSTANCES[isinstance(x, jax.core.Tracer)]
 
 
 def _along_index(shape, index, axis):

@@ -19,9 +19,8 @@ import torch
 
 from .. import _linear, _math
 from .._types import Residuals
-from . import generic
+from . import _compat, generic
 from .generic import InPlace
-
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -182,21 +181,17 @@ class Torch(InPlace):
             return super().linear_value_and_grads(*args, need=need, cotangent=cotangent)
 
 
-_INSTANCES = {}
+# One backend object per mode, (on the CPU, compiling), made at import (which torch.compile runs untraced).
+_INSTANCES = {
+    (cpu, compiling): Torch(_namespace(_compat.torch_namespace()), _compat.device, traced=compiling, on_cpu=cpu)
+    for cpu in (True, False)
+    for compiling in (True, False)
+}
 
 
-def select(xp, device):
-    """The backend for a call whose first array is ``x``: one instance per mode, made once."""
-
-    def backend(x):
-        key = (x.is_cpu, torch.compiler.is_compiling())
-        try:
-            return _INSTANCES[key]
-        except KeyError:
-            ops = _INSTANCES[key] = Torch(_namespace(xp), device, traced=key[1], on_cpu=key[0])
-            return ops
-
-    return backend
+def backend(x):
+    """The backend for a call whose first array is ``x``: eager on the CPU, eager elsewhere, or compiling."""
+    return _INSTANCES[x.is_cpu, torch.compiler.is_compiling()]
 
 
 # --------------------------------------------------------------------------- autograd
