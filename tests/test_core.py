@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import Backend, xp_assert_close
+from problems import logits_problem
 
 import xlsce
 
@@ -287,9 +288,9 @@ def test_half_precision_mean_does_not_overflow_internally(name):
 # ---------------------------------------------------------------- bad input
 
 
-def _inputs(backend, n=4, k=3):
-    rng = np.random.default_rng(3)
-    return backend.asarray(rng.normal(size=(n, k))), backend.asarray(rng.integers(0, k, size=n))
+def _inputs(backend):
+    x, t, *_ = logits_problem((4, 3), seed=3, pin_first=False)
+    return backend.asarray(x), backend.asarray(t)
 
 
 @pytest.mark.parametrize(

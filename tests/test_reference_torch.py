@@ -21,6 +21,7 @@ import zlib
 import numpy as np
 import pytest
 from conftest import xp_assert_close
+from problems import logits_problem
 
 import xlsce
 
@@ -50,32 +51,26 @@ CASES = [
 ]
 
 
-def _problem(rank, weight, ignore, eps, reduction, kind):
+IGNORED = {"none_present": None, "some_ignored": -100, "custom_value": 1}  # the value at the ignored positions
+
+
+def _case(rank, weight, ignore, eps, reduction, kind):
     """NumPy inputs and keyword arguments for one case (deterministic per case)."""
-    rng = np.random.default_rng(zlib.crc32(f"{rank}{weight}{ignore}{eps}{reduction}{kind}".encode()))
     shape = SHAPES[rank]
     axis = 0 if len(shape) == 1 else 1
-    positions = tuple(s for i, s in enumerate(shape) if i != axis)
-    x = rng.normal(scale=2.0, size=shape)
-    kw = dict(label_smoothing=eps, reduction=reduction)
-    kw["weight"] = rng.uniform(0.2, 3.0, size=K) if weight == "random" else None
-    if kind == "prob":
-        t = np.exp(rng.normal(size=shape))
-        t = t / t.sum(axis=axis, keepdims=True)
-        kw["ignore_index"] = -100
-    else:
-        t = rng.integers(0, K, size=positions).astype(np.int64)
-        flat = t.reshape(-1)  # a view: writes go to t
-        flat[0] = 0  # position 0 always counts, so 'mean' never divides by zero here
-        if ignore == "none_present":
-            kw["ignore_index"] = -100
-        elif ignore == "some_ignored":
-            kw["ignore_index"] = -100
-            flat[1::3] = -100
-        else:  # a valid class id used as ignore_index: its positions are dropped
-            kw["ignore_index"] = 1
-            flat[1::3] = 1
-    cotangent = rng.normal(size=positions) if reduction == "none" else None
+    x, t, w, _, cotangent, _ = logits_problem(
+        shape,
+        axis,
+        seed=zlib.crc32(f"{rank}{weight}{ignore}{eps}{reduction}{kind}".encode()),
+        scale=2.0,
+        kind=kind,
+        # ignore_index does not apply to probability targets; a valid class id used as ignore_index ("custom_value")
+        # drops its positions; position 0 always counts, so 'mean' never divides by zero here
+        ignore=IGNORED[ignore] if kind == "index" else None,
+        weight=(0.2, 3.0) if weight == "random" else None,
+        cotangent=reduction == "none",
+    )
+    kw = dict(label_smoothing=eps, reduction=reduction, weight=w, ignore_index=IGNORED[ignore] or -100)
     return x, t, kw, axis, cotangent
 
 
@@ -122,7 +117,7 @@ def _xlsce_results(backend, x, t, kw, axis, cotangent):
 @pytest.mark.parametrize("rank, weight, ignore, eps, kind", CASES)
 def test_matches_torch(backend, rank, weight, ignore, eps, kind):
     for reduction in REDUCTIONS:
-        x, t, kw, axis, cotangent = _problem(rank, weight, ignore, eps, reduction, kind)
+        x, t, kw, axis, cotangent = _case(rank, weight, ignore, eps, reduction, kind)
         ref_loss, ref_grad = _torch_reference(x, t, kw, cotangent)
         assert np.all(np.isfinite(ref_loss)) and np.all(np.isfinite(ref_grad))
         for how, loss, grad in _xlsce_results(backend, x, t, kw, axis, cotangent):
