@@ -489,9 +489,8 @@ LSE_MIX = {"both": (1.3, 1.0), "lse only": (0.0, 1.0), "loss only": (1.3, 0.0)}
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-@pytest.mark.parametrize("name", [p.values[0] for p in backend_params()])
-def test_return_lse_values_equal_materialised(name, reduction):
-    b = Backend(name)
+def test_return_lse_values_equal_materialised(backend, reduction):
+    b = backend
     hidden, classifier, bias, target, weight, where, *_ = linear_problem(21)
     hidden[5] = 0.0  # a row of equal logits: lse = log V (with bias 0) is not special-cased
     kw = dict(LSE_KW, weight=b.asarray(weight), where=b.asarray(where))
@@ -606,9 +605,8 @@ def test_torch_compile_return_lse():
 # --------------------------------------------------------------------------- edges and validation
 
 
-@pytest.mark.parametrize("name", [p.values[0] for p in backend_params()])
-def test_empty_and_all_ignored(name):
-    b = Backend(name)
+def test_empty_and_all_ignored(backend):
+    b = backend
     hidden, classifier, bias, *_ = linear_problem(15, n=4, ignore=None)
     for target in (np.full(4, -100), np.zeros(0, dtype=np.int64)):
         h = hidden[: target.shape[0]]
