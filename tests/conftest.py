@@ -21,7 +21,7 @@ import os
 import numpy as np
 import pytest
 
-BACKENDS = ("numpy", "array_api_strict", "jax", "torch")
+BACKENDS = ("numpy", "numpy_readonly", "array_api_strict", "jax", "torch")
 LIBRARY = {"numpy_readonly": "numpy"}  # the library behind a backend, where its name is not that
 
 
@@ -85,7 +85,7 @@ class Backend:
         if self.name == "array_api_strict":
             return self.xp.astype(a, getattr(self.xp, dtype))
         out = a.astype(getattr(self.xp, dtype))
-        return _readonly(out) if self.name == "numpy_readonly" else out
+        return _readonly(np.array(out)) if self.name == "numpy_readonly" else out  # np.array: a scalar has no flags
 
     def to_numpy(self, a):
         if self.name == "torch":

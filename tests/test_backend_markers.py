@@ -1,4 +1,5 @@
-"""The ``backend`` fixture's markers: a skip carries its reason, an xfail is strict, a bad marker is an error.
+"""The ``backend`` fixture: numpy_readonly's inputs are read-only; a marker's skip carries its reason, its xfail is
+strict, and a bad marker is an error.
 
 The first check runs pytest in a subprocess, on a small test file next to a copy of this directory's conftest.
 """
@@ -11,23 +12,35 @@ import sys
 from pathlib import Path
 
 import conftest
+import numpy as np
 import pytest
 
 MARKED = """
 import pytest
 
 
-@pytest.mark.skip_xp_backend("array_api_strict", "jax", "torch", reason="not this one")
+@pytest.mark.skip_xp_backend("numpy_readonly", "array_api_strict", "jax", "torch", reason="not this one")
 @pytest.mark.xfail_xp_backend("numpy", reason="fails on purpose")
 def test_fails_on_numpy(backend):
     assert backend.name != "numpy"
 
 
-@pytest.mark.skip_xp_backend("array_api_strict", "jax", "torch", reason="not this one")
+@pytest.mark.skip_xp_backend("numpy_readonly", "array_api_strict", "jax", "torch", reason="not this one")
 @pytest.mark.xfail_xp_backend("numpy", reason="does not fail")
 def test_passes_on_numpy(backend):
     pass
 """
+
+
+def test_numpy_readonly_gives_read_only_copies():
+    b = conftest.Backend("numpy_readonly")
+    a = np.arange(6.0).reshape(2, 3)
+    for got in (b.asarray(a), b.asarray(a, dtype=np.float32), b.astype(b.asarray(a), "float16"), b.asarray(2.0)):
+        assert isinstance(got, np.ndarray) and not got.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            got[...] = 0
+    assert a.flags.writeable and b.asarray(a) is not a  # the test's own array is left as it was
+    np.testing.assert_array_equal(b.asarray(a), a)
 
 
 def _pytest(tmp_path, source):

@@ -3,9 +3,10 @@
 For each generated problem (rank, class axis, K, label smoothing and convention,
 class weights, ignored positions, ``where`` mask, reduction, index or probability
 targets, classes out of play with ``-inf`` logits, z-loss, soft-cap), xlsce runs on
-NumPy, array-api-strict, JAX and PyTorch:
+every backend of conftest.BACKENDS (NumPy, NumPy with read-only inputs, array-api-strict,
+JAX and PyTorch):
 
-* the losses and the ``value_and_grad`` gradients agree between the four backends
+* the losses and the ``value_and_grad`` gradients agree between the backends
   (rtol 1e-10);
 * on PyTorch, ``loss.backward()`` and on JAX, ``jax.vjp`` give the same gradient as
   ``value_and_grad`` (JAX runs under ``jax.jit``: one compilation per problem);
