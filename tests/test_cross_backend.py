@@ -3,9 +3,10 @@
 For each generated problem (rank, class axis, K, label smoothing and convention,
 class weights, ignored positions, ``where`` mask, reduction, index or probability
 targets, classes out of play with ``-inf`` logits, z-loss, soft-cap), xlsce runs on
-NumPy, array-api-strict, JAX and PyTorch:
+every backend of conftest.BACKENDS (NumPy, NumPy with read-only inputs, array-api-strict,
+JAX and PyTorch):
 
-* the losses and the ``value_and_grad`` gradients agree between the four backends
+* the losses and the ``value_and_grad`` gradients agree between the backends
   (rtol 1e-10);
 * on PyTorch, ``loss.backward()`` and on JAX, ``jax.vjp`` give the same gradient as
   ``value_and_grad`` (JAX runs under ``jax.jit``: one compilation per problem);
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Backend, xp_assert_close
+from conftest import BACKENDS, Backend, xp_assert_close
 
 import xlsce
 
@@ -26,8 +27,6 @@ torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 pytest.importorskip("array_api_strict")
 st = hypothesis.strategies
-
-BACKENDS = [Backend(name) for name in ("numpy", "array_api_strict", "jax", "torch")]
 
 
 @st.composite
@@ -128,41 +127,27 @@ def dense_reference(x, t, kw):
 
 
 def _run(backend, x, t, kw, cotangent):
-    """[(how, loss, grad)] of xlsce on one backend."""
-    if backend.name == "jax":
-        return _run_jax_jit(backend, x, t, kw, cotangent)
-    X, T = backend.asarray(x), backend.asarray(t)
-    kws = {k: (backend.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
-    ct = None if cotangent is None else backend.asarray(cotangent)
-    out = [(f"{backend.name} value_and_grad", *xlsce.value_and_grad(X, T, cotangent=ct, **kws))]
-    if backend.name == "torch":
-        Xg = X.clone().requires_grad_(True)
-        loss = xlsce.cross_entropy(Xg, T, **kws)
-        loss.backward(torch.ones((), dtype=loss.dtype) if ct is None else ct)
-        out.append(("torch autograd", loss, Xg.grad))
-    return out
+    """[(how, loss, grad)] of xlsce on one backend: value_and_grad, and the library's own autodiff where it has one.
 
-
-def _run_jax_jit(backend, x, t, kw, cotangent):
-    """JAX under one ``jax.jit``: value_and_grad and jax.vjp of cross_entropy.
-
-    One compilation per generated problem instead of one per primitive in eager mode (about 4x faster here);
-    eager JAX is compared with PyTorch and optax over fixed grids in test_reference_torch.py and
-    test_reference_optax.py.
+    Under ``backend.jit``: on JAX one compilation per generated problem instead of one per primitive in eager
+    mode (about 4x faster here); eager JAX is compared with PyTorch and optax over fixed grids in
+    test_reference_torch.py and test_reference_optax.py.
     """
     arrays = {k: backend.asarray(v) for k, v in kw.items() if isinstance(v, np.ndarray)}
     static = {k: v for k, v in kw.items() if not isinstance(v, np.ndarray)}
 
-    @jax.jit
+    @backend.jit
     def both(X, T, arrs, ct):
         kws = dict(static, **arrs)
-        loss, grad = xlsce.value_and_grad(X, T, cotangent=ct, **kws)
-        loss_vjp, vjp = jax.vjp(lambda z: xlsce.cross_entropy(z, T, **kws), X)
-        return loss, grad, loss_vjp, vjp(jax.numpy.ones((), X.dtype) if ct is None else ct)[0]
+        out = xlsce.value_and_grad(X, T, cotangent=ct, **kws)
+        if backend.vjp is not None:
+            out = (*out, *backend.vjp(lambda z: xlsce.cross_entropy(z, T, **kws), X, ct))
+        return out
 
     ct = None if cotangent is None else backend.asarray(cotangent)
-    loss, grad, loss_vjp, grad_vjp = both(backend.asarray(x), backend.asarray(t), arrays, ct)
-    return [("jax.jit(value_and_grad)", loss, grad), ("jax.jit(jax.vjp)", loss_vjp, grad_vjp)]
+    out = both(backend.asarray(x), backend.asarray(t), arrays, ct)
+    hows = ["value_and_grad", backend.vjp_name][: len(out) // 2]
+    return [(f"{backend} {how}", out[2 * i], out[2 * i + 1]) for i, how in enumerate(hows)]
 
 
 @hypothesis.settings(
@@ -171,7 +156,7 @@ def _run_jax_jit(backend, x, t, kw, cotangent):
 @hypothesis.given(problems())
 def test_backends_agree(problem):
     x, t, kw, cotangent = problem
-    results = [r for b in BACKENDS for r in _run(b, x, t, kw, cotangent)]
+    results = [r for name in BACKENDS for r in _run(Backend(name), x, t, kw, cotangent)]
     _, ref_loss, ref_grad = results[0]  # numpy value_and_grad
     positions = tuple(s for i, s in enumerate(x.shape) if i != kw["axis"] % x.ndim)
     assert tuple(ref_loss.shape) == (positions if kw["reduction"] == "none" else ())

@@ -35,6 +35,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from conftest import xp_assert_close  # noqa: E402
+from problems import linear_problem, logits_problem  # noqa: E402
 
 import xlsce  # noqa: E402
 
@@ -139,20 +140,9 @@ def _compile_backend(device):
 # --------------------------------------------------------------------------- problems
 
 
-def _problem(shape, axis, seed):
-    """float32 logits (scale 2), int64 targets with ~10 % ignored (never all), float32 class weights."""
-    rng = np.random.default_rng(seed)
-    axis %= len(shape)
-    k = shape[axis]
-    positions = tuple(s for i, s in enumerate(shape) if i != axis)
-    z = (2.0 * rng.standard_normal(shape)).astype(np.float32)
-    y = rng.integers(0, k, size=positions).astype(np.int64)
-    flat = y.reshape(-1)
-    flat[rng.random(flat.size) < 0.1] = IGNORE
-    flat[0] = 0
-    w = rng.uniform(0.5, 1.5, size=k).astype(np.float32)
-    ct = rng.standard_normal(positions).astype(np.float32)  # a cotangent for reduction="none"
-    return z, y, w, ct
+# logits_problem(shape, axis, seed=..., **PROBLEM): float32 logits (scale 2), int64 targets with ~10 % ignored
+# (never all), float32 class weights, a float32 cotangent for reduction="none"
+PROBLEM = dict(scale=2.0, ignore=IGNORE, ignored=0.1, weight=(0.5, 1.5), cotangent=True, dtype=np.float32)
 
 
 def _torch_arrays(device, dtype, *arrays):
@@ -184,7 +174,8 @@ def test_torch_cross_entropy_matches_F(device, shape, axis, dtype):
     import torch
     import torch.nn.functional as F
 
-    z, y, w, ct = _torch_arrays(device, dtype, *_problem(shape, axis, seed=len(shape) + 10 * DTYPES.index(dtype)))
+    p = logits_problem(shape, axis, seed=len(shape) + 10 * DTYPES.index(dtype), **PROBLEM)
+    z, y, w, ct = _torch_arrays(device, dtype, p.x, p.t, p.weight, p.cotangent)
     dt = z.dtype
     for reduction in ("mean", "sum", "none"):
         cot = ct if reduction == "none" else torch.ones((), dtype=dt, device=device)
@@ -232,7 +223,7 @@ def test_jax_cross_entropy_matches_optax(device, shape, axis, dtype):
     import optax
 
     dev = jax.devices(device)[0]
-    zn, yn, wn, _ = _problem(shape, axis, seed=20 + len(shape) + 10 * DTYPES.index(dtype))
+    zn, yn, wn, *_ = logits_problem(shape, axis, seed=20 + len(shape) + 10 * DTYPES.index(dtype), **PROBLEM)
     dt = jnp.dtype(dtype)
     z = jax.device_put(jnp.asarray(zn, dtype=dt), dev)
     y = jax.device_put(jnp.asarray(yn, dtype=jnp.int32), dev)
@@ -285,7 +276,8 @@ def test_torch_compile_fullgraph_matches_eager(device, dtype):
     import torch
 
     torch._dynamo.reset()
-    z, y, w, _ = _torch_arrays(device, dtype, *_problem((64, 50, 8), 1, seed=30 + DTYPES.index(dtype)))
+    p = logits_problem((64, 50, 8), 1, seed=30 + DTYPES.index(dtype), **PROBLEM)
+    z, y, w = _torch_arrays(device, dtype, p.x, p.t, p.weight)
     d = torch.linspace(-1.0, 1.0, y.numel(), device=device).reshape(y.shape).to(z.dtype)
 
     def step(z, y, w):
@@ -316,17 +308,12 @@ LN, LH, LV, CHUNK = 300, 64, 1000, 128  # 128 does not divide 300: chunks of 128
 LINEAR_KW = dict(label_smoothing=EPS, z_loss=1e-3, softcap=30.0)
 
 
-def _linear_problem(seed):
-    rng = np.random.default_rng(seed)
-    h = rng.standard_normal((LN, LH)).astype(np.float32)
-    classifier = (rng.standard_normal((LV, LH)) * (3.0 / LH**0.5)).astype(np.float32)  # logits of scale 3
-    b = rng.standard_normal(LV).astype(np.float32)
-    t = rng.integers(0, LV, size=LN).astype(np.int64)
-    t[rng.random(LN) < 0.1] = IGNORE
-    t[0] = 0
-    weight = rng.uniform(0.5, 1.5, size=LV).astype(np.float32)
-    d = rng.standard_normal(LN).astype(np.float32)  # a cotangent for the lse
-    return h, classifier, b, t, weight, d
+# linear_problem(seed, **LINEAR_PROBLEM): float32 hidden, classifier (logits of scale 3) and bias, ~10 % ignored,
+# float32 class weights, a float32 cotangent (for the lse)
+LINEAR_PROBLEM = dict(
+    n=LN, h=LH, v=LV, scale=3.0 / LH**0.5, ignored=0.1, pin_first=True, weight=(0.5, 1.5), where=False, cotangent=True,
+    dtype=np.float32,
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -334,7 +321,10 @@ def _linear_problem(seed):
 def test_torch_linear_cross_entropy_matches_materialised(device, dtype):
     import torch
 
-    h, classifier, b, t, weight, d = _torch_arrays(device, dtype, *_linear_problem(40 + DTYPES.index(dtype)))
+    p = linear_problem(40 + DTYPES.index(dtype), **LINEAR_PROBLEM)
+    h, classifier, b, t, weight, d = _torch_arrays(
+        device, dtype, p.hidden, p.classifier, p.bias, p.target, p.weight, p.cotangent
+    )
     dt = h.dtype
     kw = dict(LINEAR_KW, weight=weight)
 
@@ -376,9 +366,10 @@ def test_jax_linear_cross_entropy_matches_materialised(device):
     import jax.numpy as jnp
 
     dev = jax.devices(device)[0]
+    p = linear_problem(50, **LINEAR_PROBLEM)
     h, classifier, b, t, weight, d = (
         jax.device_put(jnp.asarray(a, dtype=jnp.int32 if a.dtype == np.int64 else jnp.float32), dev)
-        for a in _linear_problem(50)
+        for a in (p.hidden, p.classifier, p.bias, p.target, p.weight, p.cotangent)
     )
     kw = dict(LINEAR_KW, weight=weight)
 
@@ -414,7 +405,8 @@ def test_torch_value_and_grad_on_device(device, dtype):
     import torch
     import torch.nn.functional as F
 
-    z, y, w, ct = _torch_arrays(device, dtype, *_problem((2048, 1000), 1, seed=60 + DTYPES.index(dtype)))
+    p = logits_problem((2048, 1000), 1, seed=60 + DTYPES.index(dtype), **PROBLEM)
+    z, y, w, ct = _torch_arrays(device, dtype, p.x, p.t, p.weight, p.cotangent)
     for reduction, cot in (("mean", None), ("none", ct)):
         kw = dict(label_smoothing=EPS, ignore_index=IGNORE, reduction=reduction)
         loss, grad = xlsce.value_and_grad(z, y, weight=w, cotangent=cot, **kw)
@@ -442,7 +434,8 @@ def test_torch_module_moves_its_weight_to_the_device(device):
 
     import xlsce.torch
 
-    z, y, w, _ = _torch_arrays("cpu", "float32", *_problem((8, 50, 16), 1, seed=65))
+    p = logits_problem((8, 50, 16), 1, seed=65, **PROBLEM)
+    z, y, w = _torch_arrays("cpu", "float32", p.x, p.t, p.weight)
     ours = xlsce.torch.CrossEntropyLoss(weight=w, label_smoothing=EPS).to(device)
     ref = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=EPS).to(device)
     assert ours.weight.device.type == device
@@ -467,7 +460,7 @@ def test_torch_module_moves_its_weight_to_the_device(device):
 def test_torch_blocked_path_with_minus_inf_in_some_blocks(device):
     import torch
 
-    zn, yn, wn, _ = _problem((2048, 1000), 1, seed=70)
+    zn, yn, wn, *_ = logits_problem((2048, 1000), 1, seed=70, **PROBLEM)
     zn[1500, [3, 7]] = -np.inf  # in the second block of rows only (blocks of 1048 rows at K = 1000)
     yn[1500] = 5
     want, want_grad = xlsce.value_and_grad(zn.astype(np.float64), yn, weight=wn.astype(np.float64), label_smoothing=EPS)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import xp_assert_close
+from problems import central_differences, logits_problem
 
 import xlsce
 
@@ -30,68 +31,21 @@ def _scalar(loss, cotangent):
     return float(np.sum(np.asarray(loss) * (1.0 if cotangent is None else cotangent)))
 
 
-def central_differences(f, x):
-    """d f / d x elementwise by central differences (entries at -inf stay -inf, so their difference is 0)."""
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        if not np.isfinite(x[i]):
-            continue
-        xp, xm = x.copy(), x.copy()
-        xp[i] += H
-        xm[i] -= H
-        grad[i] = (f(xp) - f(xm)) / (2 * H)
-    return grad
-
-
-def _problem(kind, shape, axis, seed, *, ignore=None, where=False, weight=False, minus_inf=False):
-    rng = np.random.default_rng(seed)
-    ax = axis % len(shape)
-    k = shape[ax]
-    positions = tuple(s for i, s in enumerate(shape) if i != ax)
-    x = rng.normal(scale=1.5, size=shape)
-    kw = dict(axis=axis)
-    if kind == "index":
-        t = rng.integers(0, k, size=positions)
-        flat = t.reshape(-1)
-        flat[0] = 0
-        if ignore == "-100":
-            flat[1::3] = -100
-            kw["ignore_index"] = -100
-        elif ignore == "class":
-            flat[1::3] = k - 1
-            kw["ignore_index"] = k - 1
-        if minus_inf:  # a class out of play wherever it is not the target
-            xl = np.moveaxis(x, ax, -1)
-            tl = t.reshape(t.shape + (1,))
-            xl[..., 1:2][tl != 1] = -np.inf
-    else:
-        p = np.exp(rng.normal(size=shape))
-        t = p / p.sum(axis=ax, keepdims=True)
-    if where:
-        m = rng.random(positions) < 0.7
-        m.reshape(-1)[0] = True
-        m.reshape(-1)[-1] = False
-        kw["where"] = m
-    if weight:
-        kw["weight"] = rng.uniform(0.3, 2.5, size=k)
-    return rng, x, t, kw
-
-
 CASES = {
     "uniform-mean": dict(kind="index", shape=(5, 4), axis=-1, eps=0.1),
     "uniform-eps1-sum": dict(kind="index", shape=(5, 4), axis=-1, eps=1.0, reduction="sum"),
     "exclusive-weight-ignore-mean": dict(
-        kind="index", shape=(6, 4), axis=-1, eps=0.2, smoothing="exclusive", weight=True, ignore="-100"
+        kind="index", shape=(6, 4), axis=-1, eps=0.2, smoothing="exclusive", weight=True, ignore=-100
     ),
     "uniform-weight-where-sum": dict(
         kind="index", shape=(6, 3), axis=-1, eps=0.3, weight=True, where=True, reduction="sum"
     ),
     "exclusive-ignore_class-none": dict(
-        kind="index", shape=(6, 4), axis=-1, eps=0.5, smoothing="exclusive", ignore="class", reduction="none"
-    ),
+        kind="index", shape=(6, 4), axis=-1, eps=0.5, smoothing="exclusive", ignore=3, reduction="none"
+    ),  # ignore_index K - 1: a class
     "exclusive-K2-weight-mean": dict(kind="index", shape=(5, 2), axis=-1, eps=0.3, smoothing="exclusive", weight=True),
     "uniform-axis1-kdim-weight-ignore-where-mean": dict(
-        kind="index", shape=(2, 4, 3), axis=1, eps=0.15, weight=True, ignore="-100", where=True
+        kind="index", shape=(2, 4, 3), axis=1, eps=0.15, weight=True, ignore=-100, where=True
     ),
     "zloss-uniform-weight-mean": dict(kind="index", shape=(5, 4), axis=-1, eps=0.1, weight=True, z_loss=0.1),
     "softcap-exclusive-none": dict(
@@ -115,22 +69,24 @@ CASES = {
 
 def _case(name):
     c = dict(CASES[name])
-    seed = sum(map(ord, name))
-    rng, x, t, kw = _problem(
-        c.pop("kind"),
-        c.pop("shape"),
-        c.pop("axis"),
-        seed,
-        ignore=c.pop("ignore", None),
+    shape, axis = c.pop("shape"), c.pop("axis")
+    reduction = c.setdefault("reduction", "mean")
+    x, t, weight, where, ct, _ = logits_problem(
+        shape,
+        axis,
+        seed=sum(map(ord, name)),
+        scale=1.5,
+        kind=c.pop("kind"),
+        ignore=c.get("ignore"),
         where=c.pop("where", False),
-        weight=c.pop("weight", False),
+        weight=(0.3, 2.5) if c.pop("weight", False) else None,
         minus_inf=c.pop("minus_inf", False),
+        cotangent=reduction == "none",
     )
-    kw["label_smoothing"] = c.pop("eps")
-    kw.update(c)
-    kw.setdefault("reduction", "mean")
-    positions = tuple(s for i, s in enumerate(x.shape) if i != kw["axis"] % x.ndim)
-    ct = rng.normal(size=positions) if kw["reduction"] == "none" else None
+    kw = dict(axis=axis, label_smoothing=c.pop("eps"))
+    if "ignore" in c:
+        kw["ignore_index"] = c.pop("ignore")
+    kw.update({k: v for k, v in (("where", where), ("weight", weight)) if v is not None}, **c)
     return x, t, kw, ct
 
 
@@ -143,7 +99,7 @@ def test_logit_gradients_agree(name, monkeypatch):
     x, t, kw, ct = _case(name)
 
     # central differences of the NumPy loss (the cotangent-weighted sum for 'none')
-    fd = central_differences(lambda z: _scalar(xlsce.cross_entropy(z, t, **kw), ct), x)
+    fd = central_differences(lambda z: _scalar(xlsce.cross_entropy(z, t, **kw), ct), x, step=H)
 
     # analytic backward
     loss, analytic = xlsce.value_and_grad(x, t, cotangent=ct, **kw)
@@ -195,7 +151,7 @@ def test_logit_gradients_agree(name, monkeypatch):
 def test_finite_differences_are_sensitive():
     """The finite-difference check can fail: a gradient off by 1e-5 in one entry is caught."""
     x, t, kw, ct = _case("uniform-mean")
-    fd = central_differences(lambda z: _scalar(xlsce.cross_entropy(z, t, **kw), ct), x)
+    fd = central_differences(lambda z: _scalar(xlsce.cross_entropy(z, t, **kw), ct), x, step=H)
     _, analytic = xlsce.value_and_grad(x, t, cotangent=ct, **kw)
     wrong = analytic.copy()
     wrong[2, 1] += 1e-5
@@ -243,13 +199,13 @@ def test_torch_gradcheck_logits_and_probability_targets(name):
 )
 def test_target_gradients(name):
     if name == "prob-uniform-sum-eps0":
-        _, x, t, kw = _problem("prob", (4, 3), -1, 5)
-        kw.update(label_smoothing=0.0, reduction="sum")
+        x, t, *_ = logits_problem((4, 3), seed=5, scale=1.5, kind="prob")
+        kw = dict(axis=-1, label_smoothing=0.0, reduction="sum")
         ct = None
     else:
         x, t, kw, ct = _case(name)
 
-    fd = central_differences(lambda p: _scalar(xlsce.cross_entropy(x, p, **kw), ct), t)
+    fd = central_differences(lambda p: _scalar(xlsce.cross_entropy(x, p, **kw), ct), t, step=H)
 
     kj = _as(jnp.asarray, kw)
     ctj = 1.0 if ct is None else jnp.asarray(ct)
@@ -278,9 +234,10 @@ def test_target_gradient_matches_torch_functional(eps, reduction):
     """PyTorch's F.cross_entropy differentiates w.r.t. probability targets too: same gradient (uniform, axis=1)."""
     import torch.nn.functional as F
 
-    rng, x, t, _ = _problem("prob", (3, 4, 2), 1, 17)
-    w = rng.uniform(0.5, 2.0, size=4)
-    ct = torch.from_numpy(rng.normal(size=(3, 2))) if reduction == "none" else torch.ones((), dtype=torch.float64)
+    x, t, w, _, ct, _ = logits_problem(
+        (3, 4, 2), 1, seed=17, scale=1.5, kind="prob", weight=(0.5, 2.0), cotangent=reduction == "none"
+    )
+    ct = torch.from_numpy(ct) if reduction == "none" else torch.ones((), dtype=torch.float64)
     grads = []
     for fn in (
         lambda z, p: F.cross_entropy(z, p, weight=torch.from_numpy(w), label_smoothing=eps, reduction=reduction),
@@ -323,7 +280,7 @@ def test_jax_second_derivatives(name, monkeypatch):
     fd = np.stack(
         [
             central_differences(
-                lambda z, i=i: float(xlsce.value_and_grad(z, t, cotangent=ct, **kw)[1].reshape(-1)[i]), x
+                lambda z, i=i: float(xlsce.value_and_grad(z, t, cotangent=ct, **kw)[1].reshape(-1)[i]), x, step=H
             )
             for i in range(x.size)
         ]

@@ -12,25 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import Backend, backend_params, xp_assert_close
+from problems import H, N, V, central_differences, linear_problem
 
 import xlsce
 from xlsce import _linear
-
-N, H, V = 24, 4, 9
-
-
-def _problem(seed=0, n=N, h=H, v=V, ignore=True):
-    rng = np.random.default_rng(seed)
-    hidden = rng.normal(size=(n, h))
-    classifier = rng.normal(size=(v, h))
-    bias = rng.normal(size=v)
-    target = rng.integers(0, v, size=n)
-    if ignore:
-        target[[2, 3, 11]] = -100
-    weight = rng.uniform(0.5, 2.0, size=v)
-    where = rng.uniform(size=n) > 0.2
-    return hidden, classifier, bias, target, weight, where
-
 
 CASES = {
     "plain": dict(),
@@ -86,7 +71,7 @@ def test_extreme_chunk_sizes(backend, reduction, chunk):
 
 
 def _check_against_materialised(backend, case, reduction, chunk):
-    hidden, classifier, bias, target, weight, where = _problem()
+    hidden, classifier, bias, target, weight, where, *_ = linear_problem(0)
     kw = _kwargs(CASES[case], weight, where)
     cot = np.random.default_rng(1).normal(size=N) if reduction == "none" else 0.7
     want, want_grads = reference(hidden, classifier, bias, target, kw, reduction, cotangent=cot)
@@ -115,7 +100,7 @@ def _check_against_materialised(backend, case, reduction, chunk):
 
 def test_whole_chunk_ignored_mean_uses_global_denominator():
     # Chunks of 4; the second chunk is entirely ignored: a per-chunk mean would be 0/0 there.
-    hidden, classifier, bias, target, weight, _ = _problem(2, n=12, ignore=False)
+    hidden, classifier, bias, target, weight, *_ = linear_problem(2, n=12, ignore=None)
     target[4:8] = -100
     want, want_grads = reference(hidden, classifier, bias, target, dict(weight=weight, label_smoothing=0.1), "mean")
     loss, grads = xlsce.linear_value_and_grad(
@@ -128,7 +113,7 @@ def test_whole_chunk_ignored_mean_uses_global_denominator():
 
 
 def test_grads_match_finite_differences():
-    hidden, classifier, bias, target, weight, where = _problem(3, n=7, v=5, h=3, ignore=False)
+    hidden, classifier, bias, target, weight, where, *_ = linear_problem(3, n=7, v=5, h=3, ignore=None)
     kw = dict(label_smoothing=0.2, smoothing="exclusive", weight=weight, z_loss=0.05, softcap=2.0)
     cot = np.random.default_rng(4).normal(size=7)
 
@@ -140,14 +125,8 @@ def test_grads_match_finite_differences():
         hidden, classifier, target, bias=bias, chunk_size=3, reduction="none", cotangent=cot, **kw
     )
     args = [hidden, classifier, bias]
-    eps = 1e-6
     for i, grad in enumerate(grads):
-        fd = np.zeros_like(args[i])
-        for idx in np.ndindex(*args[i].shape):
-            plus, minus = [a.copy() for a in args], [a.copy() for a in args]
-            plus[i][idx] += eps
-            minus[i][idx] -= eps
-            fd[idx] = (f(*plus) - f(*minus)) / (2 * eps)
+        fd = central_differences(lambda a, i=i: f(*args[:i], a, *args[i + 1 :]), args[i], step=1e-6)
         xp_assert_close(grad, fd, rtol=1e-6, atol=1e-8)
 
 
@@ -157,7 +136,7 @@ def test_grads_match_finite_differences():
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_torch_autograd_equals_materialised(reduction):
     torch = pytest.importorskip("torch")
-    hidden, classifier, bias, target, weight, where = _problem(5)
+    hidden, classifier, bias, target, weight, where, *_ = linear_problem(5)
     hidden = hidden.reshape(1, N, H)  # positions of any shape
     kw = dict(label_smoothing=0.1, smoothing="exclusive", weight=torch.from_numpy(weight), z_loss=0.02, softcap=2.5)
     kw["where"] = torch.from_numpy(where.reshape(1, N))
@@ -182,7 +161,7 @@ def test_torch_autograd_equals_materialised(reduction):
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_torch_autograd_without_bias(reduction):
     torch = pytest.importorskip("torch")
-    hidden, classifier, _, target, _, _ = _problem(19)
+    hidden, classifier, _, target, *_ = linear_problem(19)
     t = torch.from_numpy(target)
     xs = [torch.tensor(a, requires_grad=True) for a in (hidden, classifier)]
     out = xlsce.linear_cross_entropy(*xs, t, chunk_size=7, reduction=reduction, label_smoothing=0.1)
@@ -196,7 +175,7 @@ def test_torch_autograd_without_bias(reduction):
 
 def test_torch_partial_requires_grad_and_no_grad():
     torch = pytest.importorskip("torch")
-    hidden, classifier, bias, target, _, _ = _problem(7)
+    hidden, classifier, bias, target, *_ = linear_problem(7)
     h = torch.tensor(hidden, requires_grad=True)
     w, b, t = torch.from_numpy(classifier), torch.from_numpy(bias), torch.from_numpy(target)
     loss = xlsce.linear_cross_entropy(h, w, t, bias=b, chunk_size=4)
@@ -215,7 +194,7 @@ def test_torch_second_order_raises(reduction, return_lse):
     # as for cross_entropy: create_graph=True gives the first derivatives, and differentiating them
     # raises xlsce's own error instead of autograd's "does not require grad" or a wrong Hessian
     torch = pytest.importorskip("torch")
-    hidden, classifier, bias, target, _, _ = _problem(8)
+    hidden, classifier, bias, target, *_ = linear_problem(8)
     t = torch.from_numpy(target)
     xs = [torch.tensor(a, requires_grad=True) for a in (hidden, classifier, bias)]
 
@@ -241,7 +220,7 @@ def test_jax_second_derivatives_equal_materialised(reduction):
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
     jax.config.update("jax_enable_x64", True)
-    hidden, classifier, bias, target, weight, where = _problem(9, n=12, v=5)
+    hidden, classifier, bias, target, weight, where, *_ = linear_problem(9, n=12, v=5)
     kw = dict(
         label_smoothing=0.1, weight=jnp.asarray(weight), where=jnp.asarray(where), z_loss=0.01, reduction=reduction
     )
@@ -262,7 +241,7 @@ def test_jax_second_derivatives_equal_materialised(reduction):
 
 def test_torch_float32_matches_float64():
     torch = pytest.importorskip("torch")
-    hidden, classifier, bias, target, weight, _ = _problem(8)
+    hidden, classifier, bias, target, weight, *_ = linear_problem(8)
     kw = dict(label_smoothing=0.1, z_loss=1e-3)
     xs = [torch.tensor(a, dtype=torch.float32, requires_grad=True) for a in (hidden, classifier, bias)]
     loss = xlsce.linear_cross_entropy(xs[0], xs[1], torch.from_numpy(target), bias=xs[2], chunk_size=5, **kw)
@@ -276,7 +255,7 @@ def test_torch_float32_matches_float64():
 
 def test_half_precision_returns_input_dtype():
     torch = pytest.importorskip("torch")
-    hidden, classifier, bias, target, _, _ = _problem(9, ignore=False)
+    hidden, classifier, bias, target, *_ = linear_problem(9, ignore=None)
     xs = [torch.tensor(a, dtype=torch.bfloat16, requires_grad=True) for a in (hidden, classifier, bias)]
     loss = xlsce.linear_cross_entropy(xs[0], xs[1], torch.from_numpy(target), bias=xs[2], chunk_size=5)
     grads = torch.autograd.grad(loss, xs)
@@ -291,7 +270,7 @@ def test_half_precision_returns_input_dtype():
 
 def test_torch_compile():
     torch = pytest.importorskip("torch")
-    hidden, classifier, bias, target, weight, _ = _problem(10)
+    hidden, classifier, bias, target, weight, *_ = linear_problem(10)
     kw = dict(label_smoothing=0.1, weight=torch.from_numpy(weight), z_loss=0.01, softcap=3.0)
     t = torch.from_numpy(target)
 
@@ -315,7 +294,7 @@ def test_torch_compile():
 def test_jax_grad_under_jit_equals_materialised(reduction):
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
-    hidden, classifier, bias, target, weight, where = _problem(11)
+    hidden, classifier, bias, target, weight, where, *_ = linear_problem(11)
     kw = dict(label_smoothing=0.2, weight=jnp.asarray(weight), z_loss=0.02, softcap=2.5)
     cot = np.random.default_rng(12).normal(size=N)
 
@@ -345,7 +324,7 @@ def test_jax_grad_under_jit_equals_materialised(reduction):
 def test_jax_half_precision_returns_input_dtype():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
-    hidden, classifier, bias, target, _, _ = _problem(28, ignore=False)
+    hidden, classifier, bias, target, *_ = linear_problem(28, ignore=None)
     xs = [jnp.asarray(a, dtype=jnp.bfloat16) for a in (hidden, classifier, bias)]
     t = jnp.asarray(target)
 
@@ -366,7 +345,7 @@ def test_jax_vmap_over_problems():
     # a batch of independent problems (one classifier each): vmap of the custom_vjp over the scan
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
-    problems = [_problem(29 + i) for i in range(3)]
+    problems = [linear_problem(29 + i) for i in range(3)]
     h, w, b, t = (jnp.asarray(np.stack([p[i] for p in problems])) for i in range(4))
     kw = dict(label_smoothing=0.1, smoothing="exclusive", z_loss=0.01)
 
@@ -384,7 +363,7 @@ def test_jax_vmap_over_problems():
 def test_jax_jit_with_closed_over_targets():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
-    hidden, classifier, bias, target, _, _ = _problem(18)
+    hidden, classifier, bias, target, *_ = linear_problem(18)
     t = jnp.asarray(target)
     got = jax.jit(lambda h: xlsce.linear_cross_entropy(h, jnp.asarray(classifier), t, chunk_size=5))(hidden)
     want, _ = reference(hidden, classifier, None, target, {}, "mean")
@@ -395,7 +374,7 @@ def _jaxpr_of_grad(n, chunk):
     import jax
     import jax.numpy as jnp
 
-    hidden, classifier, bias, target, _, _ = _problem(13, n=n)
+    hidden, classifier, bias, target, *_ = linear_problem(13, n=n)
 
     def f(h, w, b):
         return xlsce.linear_cross_entropy(h, w, jnp.asarray(target), bias=b, chunk_size=chunk, label_smoothing=0.1)
@@ -441,7 +420,7 @@ def test_jax_classifier_gradient_in_row_slices(monkeypatch, reduction, rows):
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
     monkeypatch.setattr(_linear, "CHUNK_BYTES", rows * H * 8)  # float64: `rows` rows of (V, H)
-    hidden, classifier, bias, target, weight, where = _problem(15)
+    hidden, classifier, bias, target, weight, where, *_ = linear_problem(15)
     kw = dict(label_smoothing=0.1, weight=weight, z_loss=0.01)
     cot = np.random.default_rng(16).normal(size=N)
 
@@ -492,7 +471,7 @@ def test_jax_classifier_gradient_without_a_second_accumulator(monkeypatch):
 def test_jax_partial_argnums():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
-    hidden, classifier, bias, target, _, _ = _problem(14)
+    hidden, classifier, bias, target, *_ = linear_problem(14)
     t = jnp.asarray(target)
     g = jax.grad(lambda w: xlsce.linear_cross_entropy(jnp.asarray(hidden), w, t, chunk_size=7))(classifier)
     _, (_, ref_dw, _) = reference(hidden, classifier, None, target, {}, "mean")
@@ -510,10 +489,9 @@ LSE_MIX = {"both": (1.3, 1.0), "lse only": (0.0, 1.0), "loss only": (1.3, 0.0)}
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-@pytest.mark.parametrize("name", [p.values[0] for p in backend_params()])
-def test_return_lse_values_equal_materialised(name, reduction):
-    b = Backend(name)
-    hidden, classifier, bias, target, weight, where = _problem(21)
+def test_return_lse_values_equal_materialised(backend, reduction):
+    b = backend
+    hidden, classifier, bias, target, weight, where, *_ = linear_problem(21)
     hidden[5] = 0.0  # a row of equal logits: lse = log V (with bias 0) is not special-cased
     kw = dict(LSE_KW, weight=b.asarray(weight), where=b.asarray(where))
     args = (b.asarray(hidden), b.asarray(classifier), b.asarray(target))
@@ -539,7 +517,7 @@ def test_return_lse_values_equal_materialised(name, reduction):
 def test_torch_return_lse_gradients(reduction, mix):
     torch = pytest.importorskip("torch")
     c, d_scale = LSE_MIX[mix]
-    hidden, classifier, bias, target, weight, where = _problem(22)
+    hidden, classifier, bias, target, weight, where, *_ = linear_problem(22)
     kw = dict(LSE_KW, weight=torch.from_numpy(weight), where=torch.from_numpy(where))
     t = torch.from_numpy(target)
     rng = np.random.default_rng(23)
@@ -570,7 +548,7 @@ def test_jax_return_lse_gradients_under_jit(reduction, mix):
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
     c, d_scale = LSE_MIX[mix]
-    hidden, classifier, bias, target, weight, where = _problem(24)
+    hidden, classifier, bias, target, weight, where, *_ = linear_problem(24)
     kw = dict(LSE_KW, weight=jnp.asarray(weight))
     rng = np.random.default_rng(25)
     d = d_scale * rng.normal(size=N)
@@ -600,7 +578,7 @@ def test_jax_return_lse_gradients_under_jit(reduction, mix):
 
 def test_torch_compile_return_lse():
     torch = pytest.importorskip("torch")
-    hidden, classifier, bias, target, _, _ = _problem(26)
+    hidden, classifier, bias, target, *_ = linear_problem(26)
     t = torch.from_numpy(target)
     d = torch.from_numpy(np.random.default_rng(27).normal(size=N))
 
@@ -627,10 +605,9 @@ def test_torch_compile_return_lse():
 # --------------------------------------------------------------------------- edges and validation
 
 
-@pytest.mark.parametrize("name", [p.values[0] for p in backend_params()])
-def test_empty_and_all_ignored(name):
-    b = Backend(name)
-    hidden, classifier, bias, _, _, _ = _problem(15, n=4, ignore=False)
+def test_empty_and_all_ignored(backend):
+    b = backend
+    hidden, classifier, bias, *_ = linear_problem(15, n=4, ignore=None)
     for target in (np.full(4, -100), np.zeros(0, dtype=np.int64)):
         h = hidden[: target.shape[0]]
         loss, (dh, dw, db) = xlsce.linear_value_and_grad(
@@ -678,7 +655,7 @@ def test_default_chunk_size_rule():
     ],
 )
 def test_validation(change, error, match):
-    hidden, classifier, bias, target, _, _ = _problem(16, ignore=False)
+    hidden, classifier, bias, target, *_ = linear_problem(16, ignore=None)
     args = dict(hidden=hidden, classifier=classifier, target=target, bias=bias) | change
     positional = [args.pop(k) for k in ("hidden", "classifier", "target")]
     with pytest.raises(error, match=match):
@@ -687,7 +664,7 @@ def test_validation(change, error, match):
 
 def test_validation_mixed_libraries_and_weight_grad():
     torch = pytest.importorskip("torch")
-    hidden, classifier, _, target, weight, _ = _problem(17, ignore=False)
+    hidden, classifier, _, target, weight, *_ = linear_problem(17, ignore=None)
     with pytest.raises(TypeError, match="one array library"):
         xlsce.linear_cross_entropy(torch.from_numpy(hidden), classifier, target)
     w = torch.tensor(weight, requires_grad=True)

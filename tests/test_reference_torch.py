@@ -21,6 +21,7 @@ import zlib
 import numpy as np
 import pytest
 from conftest import xp_assert_close
+from problems import logits_problem
 
 import xlsce
 
@@ -38,6 +39,10 @@ WEIGHTS = ("none", "random")
 IGNORES = ("none_present", "some_ignored", "custom_value")
 EPSILONS = (0.0, 0.1, 0.7, 1.0)
 REDUCTIONS = ("none", "sum", "mean")
+# The reductions whose gradient is also taken by the library's own autodiff (all, unless listed): jax.vjp with a
+# random cotangent on the 'none' cases only, since each new jax call costs XLA compilations on this slow machine;
+# jax.vjp == value_and_grad for every reduction is checked in test_cross_backend.py.
+VJP_REDUCTIONS = {"jax": ("none",)}
 
 # One test per (rank, weight, ignore, eps, target kind); the three reductions run inside it.
 CASES = [
@@ -50,32 +55,26 @@ CASES = [
 ]
 
 
-def _problem(rank, weight, ignore, eps, reduction, kind):
+IGNORED = {"none_present": None, "some_ignored": -100, "custom_value": 1}  # the value at the ignored positions
+
+
+def _case(rank, weight, ignore, eps, reduction, kind):
     """NumPy inputs and keyword arguments for one case (deterministic per case)."""
-    rng = np.random.default_rng(zlib.crc32(f"{rank}{weight}{ignore}{eps}{reduction}{kind}".encode()))
     shape = SHAPES[rank]
     axis = 0 if len(shape) == 1 else 1
-    positions = tuple(s for i, s in enumerate(shape) if i != axis)
-    x = rng.normal(scale=2.0, size=shape)
-    kw = dict(label_smoothing=eps, reduction=reduction)
-    kw["weight"] = rng.uniform(0.2, 3.0, size=K) if weight == "random" else None
-    if kind == "prob":
-        t = np.exp(rng.normal(size=shape))
-        t = t / t.sum(axis=axis, keepdims=True)
-        kw["ignore_index"] = -100
-    else:
-        t = rng.integers(0, K, size=positions).astype(np.int64)
-        flat = t.reshape(-1)  # a view: writes go to t
-        flat[0] = 0  # position 0 always counts, so 'mean' never divides by zero here
-        if ignore == "none_present":
-            kw["ignore_index"] = -100
-        elif ignore == "some_ignored":
-            kw["ignore_index"] = -100
-            flat[1::3] = -100
-        else:  # a valid class id used as ignore_index: its positions are dropped
-            kw["ignore_index"] = 1
-            flat[1::3] = 1
-    cotangent = rng.normal(size=positions) if reduction == "none" else None
+    x, t, w, _, cotangent, _ = logits_problem(
+        shape,
+        axis,
+        seed=zlib.crc32(f"{rank}{weight}{ignore}{eps}{reduction}{kind}".encode()),
+        scale=2.0,
+        kind=kind,
+        # ignore_index does not apply to probability targets; a valid class id used as ignore_index ("custom_value")
+        # drops its positions; position 0 always counts, so 'mean' never divides by zero here
+        ignore=IGNORED[ignore] if kind == "index" else None,
+        weight=(0.2, 3.0) if weight == "random" else None,
+        cotangent=reduction == "none",
+    )
+    kw = dict(label_smoothing=eps, reduction=reduction, weight=w, ignore_index=IGNORED[ignore] or -100)
     return x, t, kw, axis, cotangent
 
 
@@ -103,26 +102,15 @@ def _xlsce_results(backend, x, t, kw, axis, cotangent):
     ct = None if cotangent is None else backend.asarray(cotangent)
     loss, grad = xlsce.value_and_grad(X, T, cotangent=ct, **kws)
     out = [("value_and_grad", loss, grad)]
-    if backend.name == "torch":
-        Xg = X.clone().requires_grad_(True)
-        loss = xlsce.cross_entropy(Xg, T, **kws)
-        loss.backward(torch.ones((), dtype=loss.dtype) if ct is None else ct)
-        out.append(("torch autograd", loss, Xg.grad))
-    elif backend.name == "jax" and kw["reduction"] == "none":
-        # jax.vjp with a random cotangent, on the 'none' cases only: each new jax call costs XLA compilations on
-        # this slow machine; jax.vjp == value_and_grad for every reduction is checked in test_cross_backend.py.
-        import jax
-
-        loss, vjp = jax.vjp(lambda z: xlsce.cross_entropy(z, T, **kws), X)
-        (grad,) = vjp(jax.numpy.ones(()) if ct is None else ct)
-        out.append(("jax.vjp", loss, grad))
+    if backend.vjp is not None and kw["reduction"] in VJP_REDUCTIONS.get(backend.name, REDUCTIONS):
+        out.append((backend.vjp_name, *backend.vjp(lambda z: xlsce.cross_entropy(z, T, **kws), X, ct)))
     return out
 
 
 @pytest.mark.parametrize("rank, weight, ignore, eps, kind", CASES)
 def test_matches_torch(backend, rank, weight, ignore, eps, kind):
     for reduction in REDUCTIONS:
-        x, t, kw, axis, cotangent = _problem(rank, weight, ignore, eps, reduction, kind)
+        x, t, kw, axis, cotangent = _case(rank, weight, ignore, eps, reduction, kind)
         ref_loss, ref_grad = _torch_reference(x, t, kw, cotangent)
         assert np.all(np.isfinite(ref_loss)) and np.all(np.isfinite(ref_grad))
         for how, loss, grad in _xlsce_results(backend, x, t, kw, axis, cotangent):

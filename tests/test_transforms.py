@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import xp_assert_close
+from problems import logits_problem
 
 import xlsce
 
@@ -23,17 +24,8 @@ jax.config.update("jax_enable_x64", True)
 F = torch.nn.functional
 
 
-def _index_problem(seed, shape=(6, 5), ignore=True):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(scale=2.0, size=shape)
-    y = rng.integers(0, shape[-1], size=shape[:-1])
-    if ignore:
-        y.reshape(-1)[1::3] = -100
-    y.reshape(-1)[0] = 0
-    w = rng.uniform(0.5, 2.0, size=shape[-1])
-    where = rng.random(shape[:-1]) < 0.7
-    where.reshape(-1)[0] = True
-    return rng, x, y, w, where
+SHAPE = (6, 5)
+PROBLEM = dict(scale=2.0, ignore=-100, where=True, weight=(0.5, 2.0))  # logits_problem(SHAPE, seed=..., **PROBLEM)
 
 
 # --------------------------------------------------------------------------- jax
@@ -47,7 +39,7 @@ JAX_CASES = {
 
 @pytest.mark.parametrize("name", list(JAX_CASES))
 def test_jax_jit_equals_eager(name):
-    _, x, y, w, where = _index_problem(1)
+    x, y, w, where, *_ = logits_problem(SHAPE, seed=1, **PROBLEM)
     kw = JAX_CASES[name]
     X, Y, W, M = map(jnp.asarray, (x, y, w, where))
 
@@ -66,7 +58,7 @@ def test_jax_jit_equals_eager(name):
 
 @pytest.mark.parametrize("name", list(JAX_CASES))
 def test_jax_grad_of_jit_and_jit_of_grad(name):
-    rng, x, y, w, where = _index_problem(2)
+    x, y, w, where, _, rng = logits_problem(SHAPE, seed=2, **PROBLEM)
     kw = JAX_CASES[name]
     X, Y, W, M = map(jnp.asarray, (x, y, w, where))
     ct = jnp.asarray(rng.normal(size=y.shape)) if kw.get("reduction") == "none" else 1.0
@@ -94,7 +86,7 @@ def test_jax_jit_retraces_nothing_on_new_values():
         return xlsce.cross_entropy(z, t, where=mask, label_smoothing=0.1)
 
     for seed in range(3):
-        _, x, y, _, where = _index_problem(seed, ignore=False)
+        x, y, _, where, *_ = logits_problem(SHAPE, seed=seed, **dict(PROBLEM, ignore=None))
         got = f(jnp.asarray(x), jnp.asarray(y), jnp.asarray(where))
         xp_assert_close(got, xlsce.cross_entropy(x, y, where=where, label_smoothing=0.1), rtol=1e-13, atol=1e-15)
     assert len(traces) == 1
@@ -135,7 +127,7 @@ def test_jax_vmap_over_problems(kind, reduction):
 
 def test_jax_vmap_with_in_axes_over_the_class_weights():
     """vmap over several weight vectors for one problem: each equals the eager call with that weight."""
-    rng, x, y, _, _ = _index_problem(4)
+    x, y, *_, rng = logits_problem(SHAPE, seed=4, **PROBLEM)
     ws = rng.uniform(0.2, 3.0, size=(3, x.shape[-1]))
     got = jax.vmap(lambda w: xlsce.cross_entropy(jnp.asarray(x), jnp.asarray(y), weight=w, label_smoothing=0.1))(
         jnp.asarray(ws)
@@ -288,7 +280,7 @@ def test_module_probability_targets_and_defaults():
 
 def test_configured_loss_is_jittable():
     """A configured loss (xlsce.CrossEntropyLoss) is a plain callable that jax.jit accepts."""
-    _, x, y, _, _ = _index_problem(6)
+    x, y, *_ = logits_problem(SHAPE, seed=6, **PROBLEM)
     loss_fn = xlsce.CrossEntropyLoss(label_smoothing=0.1, smoothing="exclusive")
     jitted = jax.jit(loss_fn)
     xp_assert_close(jitted(jnp.asarray(x), jnp.asarray(y)), loss_fn(x, y), rtol=1e-13, atol=1e-15)

@@ -16,18 +16,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import xp_assert_close
+from problems import central_differences, logits_problem
 
 import xlsce
 
 N, K = 7, 5
-
-
-def _problem(seed=0, n=N, k=K, scale=3.0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, k)) * scale
-    y = rng.integers(0, k, size=n)
-    w = rng.uniform(0.5, 2.0, size=k)
-    return x, y, w
+PROBLEM = dict(scale=3.0, pin_first=False, weight=(0.5, 2.0))  # logits_problem((N, K), seed=..., **PROBLEM)
 
 
 def ref_numpy(
@@ -132,7 +126,7 @@ def _targets(case, y):
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_value_matches_definition(backend, case, reduction):
-    x, y, w = _problem()
+    x, y, w, *_ = logits_problem((N, K), seed=0, **PROBLEM)
     y = _targets(case, y)
     b = backend
     kw = _kwargs(case, w, b.asarray(w))
@@ -144,7 +138,7 @@ def test_value_matches_definition(backend, case, reduction):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_grad_matches_torch_autograd_of_naive_formula(case, reduction):
     torch = pytest.importorskip("torch")
-    x, y, w = _problem(1)
+    x, y, w, *_ = logits_problem((N, K), seed=1, **PROBLEM)
     y = _targets(case, y)
     rk = _ref_kwargs(case, w)
 
@@ -179,7 +173,7 @@ def test_grad_matches_torch_autograd_of_naive_formula(case, reduction):
 
 @pytest.mark.parametrize("case", CASES[2:], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_grad_matches_finite_differences(backend, case):
-    x, y, w = _problem(3)
+    x, y, w, *_ = logits_problem((N, K), seed=3, **PROBLEM)
     y = _targets(case, y)
     kw = _kwargs(case, w)
     cot = np.random.default_rng(4).normal(size=N)
@@ -187,12 +181,7 @@ def test_grad_matches_finite_differences(backend, case):
     def f(v):
         return float(np.dot(xlsce.cross_entropy(v, y, reduction="none", **kw), cot))
 
-    h = 1e-6
-    fd = np.zeros_like(x)
-    for idx in np.ndindex(*x.shape):
-        e = np.zeros_like(x)
-        e[idx] = h
-        fd[idx] = (f(x + e) - f(x - e)) / (2 * h)
+    fd = central_differences(f, x, step=1e-6)
     b = backend
     bkw = _kwargs(case, w, b.asarray(w))
     _, g = xlsce.value_and_grad(b.asarray(x), b.asarray(y), reduction="none", cotangent=b.asarray(cot), **bkw)
@@ -202,7 +191,7 @@ def test_grad_matches_finite_differences(backend, case):
 def test_jax_grad_matches_naive_autodiff():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
-    x, y, w = _problem(5)
+    x, y, w, *_ = logits_problem((N, K), seed=5, **PROBLEM)
     zeta, s = 0.05, 2.0
 
     def naive(v):
