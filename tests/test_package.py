@@ -4,6 +4,10 @@ message, and a documentation site that loads nothing from the network."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,23 @@ def _pyproject():
     except ImportError:  # Python 3.10
         tomllib = pytest.importorskip("tomli")
     return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def _run(*args, **kwargs):
+    # cwd=ROOT: `python -c` and `python -m` put the working directory first on sys.path, so the
+    # subprocess imports this checkout's xlsce, as the tests do.
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def _need(*modules):
+    """Skip without these modules, except under CI, which must run everything."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        if os.environ.get("CI"):
+            raise RuntimeError(f"{missing} not installed, and CI must run every test")
+        pytest.skip(f"{missing} not installed")
 
 
 # --------------------------------------------------------------------------- metadata
@@ -61,3 +82,22 @@ def test_urls_and_classifiers():
     ]
     assert versions == ["3.10", "3.11", "3.12", "3.13"]
     assert meta["requires-python"] == ">=3.10"
+
+
+def test_sdist_carries_what_the_tests_need(tmp_path):
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip("building needs setuptools >= 77 (pyproject's build-system)")
+    code = "import sys, setuptools.build_meta as b; print(b.build_sdist(sys.argv[1]))"
+    proc = _run("-c", code, str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = proc.stdout.strip().splitlines()[-1]
+    with tarfile.open(tmp_path / name) as archive:
+        top = name.removesuffix(".tar.gz")
+        shipped = {m.name.removeprefix(top + "/") for m in archive.getmembers()}
+    needed = {"LICENSE", "README.md", "pyproject.toml", "docs/api.rst", "docs/conf.py", "docs/margin_figure.py"}
+    for folder, pattern in (("tests", "*.py"), ("xlsce", "*.py"), ("benchmarks", "*.py"), ("docs", "*.md")):
+        needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / folder).glob(pattern)}
+    needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs" / "benchmarks").glob("*") if p.is_file()}
+    assert "tests/conftest.py" in needed
+    assert needed - shipped == set()
