@@ -101,3 +101,51 @@ def test_sdist_carries_what_the_tests_need(tmp_path):
     needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs" / "benchmarks").glob("*") if p.is_file()}
     assert "tests/conftest.py" in needed
     assert needed - shipped == set()
+
+
+# --------------------------------------------------------------------------- entry points and imports
+
+
+def test_xlsce_torch_without_torch_says_what_to_install():
+    code = """
+import sys
+
+
+class NoTorch:  # as if torch were not installed: importing it finds nothing
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, NoTorch())
+import numpy as np
+import xlsce  # needs no torch
+assert float(xlsce.cross_entropy(np.zeros((1, 2)), np.array([0]))) > 0
+try:
+    import xlsce.torch
+except ImportError as error:
+    print(type(error).__name__, error.name)
+    print(error)
+else:
+    raise SystemExit("import xlsce.torch succeeded without torch")
+"""
+    proc = _run("-c", code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kind, message = proc.stdout.splitlines()[0], proc.stdout.splitlines()[1]
+    assert kind == "ModuleNotFoundError torch"
+    assert 'pip install "xlsce[torch]"' in message
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_main_help(flag):
+    proc = _run("-m", "xlsce", flag)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m xlsce")
+    assert "worked example" in proc.stdout
+    assert "largest disagreement" not in proc.stdout  # the help only: the demo did not run
+
+
+def test_main_rejects_unknown_arguments():
+    proc = _run("-m", "xlsce", "--no-such-option")
+    assert proc.returncode == 2
+    assert "unrecognized arguments" in proc.stderr
