@@ -165,6 +165,7 @@ def _run_jax_jit(backend, x, t, kw, cotangent):
     return [("jax.jit(value_and_grad)", loss, grad), ("jax.jit(jax.vjp)", loss_vjp, grad_vjp)]
 
 
+@pytest.mark.slow
 @hypothesis.settings(
     max_examples=40, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow], print_blob=True
 )

@@ -38,6 +38,8 @@ from conftest import xp_assert_close  # noqa: E402
 
 import xlsce  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 EPS = 0.1
 IGNORE = -100
 
