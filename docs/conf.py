@@ -4,7 +4,9 @@ Build: ``python -m sphinx -W --keep-going -b html docs docs/_build/html``.
 At ``builder-inited`` this file (1) draws the label-smoothing figure with
 ``docs/margin_figure.py`` and (2) writes the include file of the Benchmarks page
 from ``docs/benchmarks/`` (or a placeholder when the benchmarks were not run yet).
-Both go to ``docs/_generated/`` (not tracked).
+Both go to ``docs/_generated/`` (not tracked).  (3) At ``build-finished`` it copies MathJax from the
+``django-static-mathjax`` package (the ``docs`` extra) into the site's ``_static/``, so that the formulas
+render offline: the built pages load no script or stylesheet from the network (tests/test_package.py).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ autodoc_default_options = {"members": True, "undoc-members": False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+
+# MathJax 3.2.2 served with the site, not from a CDN (see _copy_mathjax below).
+mathjax_path = "mathjax/tex-mml-chtml.js"
 
 html_theme = "furo"
 html_title = f"xlsce {release}"
@@ -121,5 +126,39 @@ def _generate(app) -> None:
     _benchmark_include(gen)
 
 
+def _mathjax_dir() -> Path:
+    """MathJax's browser build (``es5/``), as installed by the ``django-static-mathjax`` package."""
+    try:
+        import mathjax  # the django-static-mathjax distribution (Django itself is not needed)
+    except ImportError as error:
+        raise RuntimeError(
+            'the documentation serves MathJax itself: pip install -e ".[docs]" (django-static-mathjax)'
+        ) from error
+    return Path(mathjax.__file__).resolve().parent / "static" / "mathjax" / "es5"
+
+
+# The other combined builds of MathJax (SVG output, MathML only, ...) and latest.js (which asks the network for
+# the newest release): the site loads tex-mml-chtml.js, which loads the rest of es5/ on demand.
+_MATHJAX_UNUSED = re.compile(r"^(?:tex-(?!mml-chtml\.js$).*|mml-.*|node-main|latest)\.js$")
+
+
+def _copy_mathjax(app, exception) -> None:
+    if exception is not None or app.builder.format != "html":
+        return
+    import shutil
+
+    source, target = _mathjax_dir(), Path(app.outdir) / "_static" / "mathjax"
+    shutil.copytree(
+        source,
+        target,
+        dirs_exist_ok=True,
+        ignore=lambda folder, names: [n for n in names if Path(folder) == source and _MATHJAX_UNUSED.match(n)],
+    )
+    shutil.copy2(source.parent / "LICENSE", target / "LICENSE")  # MathJax's Apache-2.0 licence
+
+
 def setup(app):
     app.connect("builder-inited", _generate)
+    # An HTML build without MathJax fails at its start, not after it.
+    app.connect("builder-inited", lambda app: app.builder.format != "html" or _mathjax_dir())
+    app.connect("build-finished", _copy_mathjax)

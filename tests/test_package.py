@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,48 @@ def test_main_rejects_unknown_arguments():
     proc = _run("-m", "xlsce", "--no-such-option")
     assert proc.returncode == 2
     assert "unrecognized arguments" in proc.stderr
+
+
+# --------------------------------------------------------------------------- the documentation site
+
+
+class _Assets(HTMLParser):
+    """The scripts and stylesheets a page loads."""
+
+    def __init__(self):
+        super().__init__()
+        self.scripts, self.stylesheets = [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "script" and attrs.get("src"):
+            self.scripts.append(attrs["src"])
+        elif tag == "link" and "stylesheet" in (attrs.get("rel") or "").split():
+            self.stylesheets.append(attrs["href"])
+
+
+def _remote(url):
+    return url.startswith(("http:", "https:", "//")) or ":" in url.split("/", 1)[0]
+
+
+@pytest.mark.slow
+def test_site_loads_nothing_from_the_network(tmp_path):
+    _need("sphinx", "furo", "myst_parser", "mathjax")
+    out = tmp_path / "html"
+    proc = _run("-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "docs", str(out))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    pages = sorted(out.rglob("*.html"))
+    assert len(pages) >= 8
+    mathjax_pages = 0
+    for page in pages:
+        assets = _Assets()
+        assets.feed(page.read_text(encoding="utf-8"))
+        remote = [u for u in assets.scripts + assets.stylesheets if _remote(u)]
+        assert remote == [], f"{page.relative_to(out)} loads {remote}"
+        for url in assets.scripts + assets.stylesheets:
+            target = (page.parent / url.split("?", 1)[0]).resolve()
+            assert target.is_file(), f"{page.relative_to(out)}: {url} is not in the site"
+        mathjax_pages += any(u.endswith("_static/mathjax/tex-mml-chtml.js") for u in assets.scripts)
+    assert mathjax_pages >= 3  # what-it-computes, api, migrating, ... have formulas
+    # the fonts MathJax's CommonHTML output loads, relative to its script
+    assert list((out / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
