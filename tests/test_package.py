@@ -155,6 +155,12 @@ def test_main_rejects_unknown_arguments():
 # --------------------------------------------------------------------------- the documentation site
 
 
+def test_getting_started_names_the_public_api():
+    text = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
+    assert "five names" in text and len(xlsce.__all__) == 5
+    assert [n for n in xlsce.__all__ if f"xlsce.{n}`" not in text] == []
+
+
 class _Assets(HTMLParser):
     """The scripts and stylesheets a page loads."""
 
