@@ -60,6 +60,7 @@ def test_worked_example(backend, smoothing, eps):
     )
 
 
+@pytest.mark.slow
 def test_main_job_runs():
     out = subprocess.run([sys.executable, "-m", "xlsce"], capture_output=True, text=True, check=True).stdout
     assert "largest disagreement" in out and "exclusive" in out
@@ -148,6 +149,7 @@ def test_huge_logits_by_hand(backend):
         xp_assert_close(grad, np.array([[0.9, -0.8, -0.1]]), atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("offset, bound", [(0.0, 2e-7), (1e3, 2e-6), (1e4, 3e-5)])
 def test_jax_float32_smoothing_sum_precision(offset, bound):
     # Under JAX the smoothing sum is taken over the unshifted logits (faster fusions on XLA's CPU backend),
@@ -164,6 +166,7 @@ def test_jax_float32_smoothing_sum_precision(offset, bound):
     assert np.max(np.abs(eager.astype(np.float64) - want) / want) <= 2e-7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("inside", [False, True])
@@ -240,6 +243,7 @@ def test_minus_inf_never_nan(backend):
             assert np.all(grad[[1, 3], [0, 1]] < 0)
 
 
+@pytest.mark.slow
 @pytest.mark.skip_xp_backend("array_api_strict", reason="the array API has no half-precision dtypes")
 @pytest.mark.parametrize(
     "dtype",
@@ -542,6 +546,7 @@ def test_return_lse_values(backend, softcap):
         xlsce.cross_entropy(backend.asarray(z), backend.asarray(y), return_lse=1)
 
 
+@pytest.mark.slow
 def test_return_lse_gradients_torch_and_jax():
     # d/dz [loss + sum_i lse_i^2] against torch's own cross_entropy + torch.logsumexp, and jax.nn.logsumexp + optax
     torch = pytest.importorskip("torch")

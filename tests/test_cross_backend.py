@@ -150,6 +150,7 @@ def _run(backend, x, t, kw, cotangent):
     return [(f"{backend} {how}", out[2 * i], out[2 * i + 1]) for i, how in enumerate(hows)]
 
 
+@pytest.mark.slow
 @hypothesis.settings(
     max_examples=40, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow], print_blob=True
 )

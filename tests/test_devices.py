@@ -39,6 +39,8 @@ from problems import linear_problem, logits_problem  # noqa: E402
 
 import xlsce  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 EPS = 0.1
 IGNORE = -100
 

@@ -50,6 +50,7 @@ def test_pages_have_examples():
     assert sum(per_page.values()) == len(BLOCKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("page", "line", "code"), BLOCKS)
 def test_code_block_runs(page, line, code):
     # The line offset makes tracebacks point at the page's own line numbers.

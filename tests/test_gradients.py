@@ -94,6 +94,7 @@ def _as(module_asarray, kw):
     return {k: (module_asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_logit_gradients_agree(name, monkeypatch):
     x, t, kw, ct = _case(name)
@@ -194,6 +195,7 @@ def test_torch_gradcheck_logits_and_probability_targets(name):
 # --------------------------------------------------------------------------- probability targets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["prob-uniform-weight-where-mean", "prob-exclusive-zloss-softcap-none", "prob-uniform-sum-eps0"]
 )
@@ -268,6 +270,7 @@ def test_torch_second_order_raises(n):
         torch.autograd.grad((grad**2).sum(), z)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_jax_second_derivatives(name, monkeypatch):
     # jax.hessian (forward over reverse) and grad of grad (reverse over reverse) through the

@@ -59,11 +59,13 @@ def _matrix():
     return params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, case, reduction, chunk", _matrix())
 def test_value_and_grad_equal_materialised(name, case, reduction, chunk):
     _check_against_materialised(Backend(name), case, reduction, chunk)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 100])  # one row per chunk; one chunk larger than N
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_extreme_chunk_sizes(backend, reduction, chunk):
@@ -214,6 +216,7 @@ def test_torch_second_order_raises(reduction, return_lse):
         torch.autograd.grad((grads[0] ** 2).sum() + grads[1].sum(), xs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_jax_second_derivatives_equal_materialised(reduction):
     # jax.hessian through the chunked custom_vjp equals that of cross_entropy on the materialised logits
@@ -268,6 +271,7 @@ def test_half_precision_returns_input_dtype():
         xp_assert_close(a.float(), c, rtol=5e-2, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_torch_compile():
     torch = pytest.importorskip("torch")
     hidden, classifier, bias, target, weight, *_ = linear_problem(10)
@@ -290,6 +294,7 @@ def test_torch_compile():
 # --------------------------------------------------------------------------- jax
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_jax_grad_under_jit_equals_materialised(reduction):
     jax = pytest.importorskip("jax")
@@ -321,6 +326,7 @@ def test_jax_grad_under_jit_equals_materialised(reduction):
         xp_assert_close(a, c, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_jax_half_precision_returns_input_dtype():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
@@ -341,6 +347,7 @@ def test_jax_half_precision_returns_input_dtype():
         xp_assert_close(np.asarray(a, dtype=np.float64), c, rtol=5e-2, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_jax_vmap_over_problems():
     # a batch of independent problems (one classifier each): vmap of the custom_vjp over the scan
     jax = pytest.importorskip("jax")
@@ -413,6 +420,7 @@ def test_jax_traces_to_a_loop_not_copies():
     assert _count(many.jaxpr, "dot_general") == _count(few.jaxpr, "dot_general") <= 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows", [3, 4])  # dW in slices of rows: 3 divides V = 9, 4 leaves a tail of 1
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_jax_classifier_gradient_in_row_slices(monkeypatch, reduction, rows):
@@ -447,6 +455,7 @@ def test_jax_classifier_gradient_in_row_slices(monkeypatch, reduction, rows):
     assert sliced > loops()  # the slice loop was there (fori_loop traces to a scan or a while)
 
 
+@pytest.mark.slow
 def test_jax_classifier_gradient_without_a_second_accumulator(monkeypatch):
     # XLA's CPU backend does not fuse `dW + G^T h` into the product: accumulated whole, the (V, H) product
     # is a temporary as large as dW.  Sliced, what XLA allocates besides the arguments is the outputs plus
@@ -468,6 +477,7 @@ def test_jax_classifier_gradient_without_a_second_accumulator(monkeypatch):
     assert mem.temp_size_in_bytes < dw_bytes / 2, mem
 
 
+@pytest.mark.slow
 def test_jax_partial_argnums():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
@@ -488,6 +498,7 @@ LSE_KW = dict(label_smoothing=0.1, smoothing="exclusive", z_loss=0.02, softcap=2
 LSE_MIX = {"both": (1.3, 1.0), "lse only": (0.0, 1.0), "loss only": (1.3, 0.0)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_return_lse_values_equal_materialised(backend, reduction):
     b = backend
@@ -542,6 +553,7 @@ def test_torch_return_lse_gradients(reduction, mix):
         xp_assert_close(a, e, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mix", LSE_MIX)
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_jax_return_lse_gradients_under_jit(reduction, mix):
@@ -576,6 +588,7 @@ def test_jax_return_lse_gradients_under_jit(reduction, mix):
         xp_assert_close(a, e, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.slow
 def test_torch_compile_return_lse():
     torch = pytest.importorskip("torch")
     hidden, classifier, bias, target, *_ = linear_problem(26)

@@ -103,6 +103,7 @@ def _labels(t, k, axis=-1):
 # --------------------------------------------------------------------------- uniform smoothing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "shape, alpha, kind, reduction",
     list(itertools.product(SHAPES, (0.1, 0.45, 1.0), ("index", "prob"), ("none", "mean"))),
@@ -123,6 +124,7 @@ def test_smooth_labels_softmax_cross_entropy(request, backend, shape, alpha, kin
     _check(backend, ref_loss, ref_grad, x, t, ct, label_smoothing=alpha, reduction=reduction)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, axis", [((5, 4), -1), ((5, 4), 0), ((2, 3, 4), 1), ((2, 3, 4), 0)])
 @pytest.mark.parametrize("kind", ["index", "prob"])
 def test_smooth_labels_along_any_axis(request, backend, shape, axis, kind):
@@ -144,6 +146,7 @@ def test_smooth_labels_along_any_axis(request, backend, shape, axis, kind):
 # --------------------------------------------------------------------------- integer labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES + [(4,), (5, 1)])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_softmax_cross_entropy_with_integer_labels(request, backend, shape, reduction):
@@ -163,6 +166,7 @@ def test_softmax_cross_entropy_with_integer_labels(request, backend, shape, redu
 # --------------------------------------------------------------------------- where
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("fn", ["integer_labels", "smooth_labels"])
@@ -194,6 +198,7 @@ def test_where_masks_examples(request, backend, shape, reduction, fn):
     _check(backend, ref_loss, ref_grad, x, y, ct, label_smoothing=alpha, reduction=reduction, where=mask)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_class_where_is_minus_inf_logits(request, backend, kind, alpha):
@@ -251,6 +256,7 @@ def _fairseq(x, y, eps, ignore_index=None):
     return loss, grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(5, 2), (5, 4), (2, 3, 4)])
 @pytest.mark.parametrize("eps", [0.1, 0.5, 1.0])
 def test_exclusive_matches_fairseq(backend, shape, eps):
@@ -275,6 +281,7 @@ def test_exclusive_soft_targets_by_hand(backend, eps):
     _check(backend, loss, grad * ct[..., None], x, t, ct, label_smoothing=eps, smoothing="exclusive", reduction="none")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize("reduction", ["none", "mean"])

@@ -107,6 +107,7 @@ def _xlsce_results(backend, x, t, kw, axis, cotangent):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank, weight, ignore, eps, kind", CASES)
 def test_matches_torch(backend, rank, weight, ignore, eps, kind):
     for reduction in REDUCTIONS:
@@ -140,6 +141,7 @@ NOTHING_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, weight, eps", NOTHING_CASES)
 def test_mean_over_nothing_is_zero_where_torch_gives_nan(backend, how, weight, eps):
     rng = np.random.default_rng(7)

@@ -37,6 +37,7 @@ JAX_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(JAX_CASES))
 def test_jax_jit_equals_eager(name):
     x, y, w, where, *_ = logits_problem(SHAPE, seed=1, **PROBLEM)
@@ -56,6 +57,7 @@ def test_jax_jit_equals_eager(name):
     xp_assert_close(j_grad, e_grad, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(JAX_CASES))
 def test_jax_grad_of_jit_and_jit_of_grad(name):
     x, y, w, where, _, rng = logits_problem(SHAPE, seed=2, **PROBLEM)
@@ -92,6 +94,7 @@ def test_jax_jit_retraces_nothing_on_new_values():
     assert len(traces) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["index", "prob"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_jax_vmap_over_problems(kind, reduction):
@@ -125,6 +128,7 @@ def test_jax_vmap_over_problems(kind, reduction):
         np.testing.assert_array_equal(np.asarray(grads)[2], 0.0)
 
 
+@pytest.mark.slow
 def test_jax_vmap_with_in_axes_over_the_class_weights():
     """vmap over several weight vectors for one problem: each equals the eager call with that weight."""
     x, y, *_, rng = logits_problem(SHAPE, seed=4, **PROBLEM)
@@ -153,6 +157,7 @@ COMPILE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile_backend, kind, kw", COMPILE_CASES)
 def test_torch_compile_fullgraph_forward_backward(compile_backend, kind, kw):
     torch._dynamo.reset()
@@ -185,6 +190,7 @@ def test_torch_compile_fullgraph_forward_backward(compile_backend, kind, kw):
         xp_assert_close(e_loss, ref)
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_after_other_libraries():
     # xlsce caches what it learns of types and dtypes per process; dynamo cannot compare some of those
     # keys (modules, NumPy dtypes), so the cache must stay out of a fullgraph trace whatever it holds
@@ -218,6 +224,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_as_the_first_call_of_a_process():
     # The autograd.Function classes must exist before dynamo traces the call: a class statement in the traced
     # region is unsupported under fullgraph=True.  A fresh process, since any earlier call in this one built them.

@@ -171,6 +171,7 @@ def test_grad_matches_torch_autograd_of_naive_formula(case, reduction):
     xp_assert_close(g, g_ref, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES[2:], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_grad_matches_finite_differences(backend, case):
     x, y, w, *_ = logits_problem((N, K), seed=3, **PROBLEM)
@@ -188,6 +189,7 @@ def test_grad_matches_finite_differences(backend, case):
     xp_assert_close(g, fd, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_jax_grad_matches_naive_autodiff():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy

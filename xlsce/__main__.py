@@ -10,6 +10,7 @@ the gradients between backends.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import math
 
@@ -57,7 +58,21 @@ def _backends():
     return found
 
 
-def main():
+def _parser():
+    return argparse.ArgumentParser(
+        prog="python -m xlsce",
+        description=(
+            "Run xlsce's worked example on every installed backend (NumPy, array-api-strict, JAX, PyTorch): "
+            "two samples, three classes, logits log([1,2,5]) and log([3,3,2]), targets [2, 0]. "
+            "Prints the loss of standard cross-entropy and of both smoothing conventions on each backend "
+            "next to the value derived by hand, and how far the gradients disagree."
+        ),
+        epilog="Exit status: 0 when every backend agrees with the hand derivation to 1e-12, 1 otherwise.",
+    )
+
+
+def main(argv=None):
+    _parser().parse_args(argv)
     backends = _backends()
     names = [b[0] for b in backends]
     print("xlsce worked example: logits log([1,2,5]) and log([3,3,2]), targets [2, 0], float64, mean over 2\n")

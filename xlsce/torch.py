@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError as error:
+    if error.name != "torch":  # torch is there but broken: its own error says more
+        raise
+    raise ModuleNotFoundError(
+        'xlsce.torch needs PyTorch, which is not installed: pip install "xlsce[torch]"', name="torch"
+    ) from error
 
 from . import cross_entropy
 
