@@ -62,7 +62,7 @@ class Backend:
             raise ValueError(name)
 
     def asarray(self, a, dtype=None):
-        """A NumPy array (or nested list) as this backend's array, keeping its dtype (never the same object)."""
+        """A NumPy array (or nested list) as this backend's array, keeping its dtype (numpy_readonly: a read-only copy)."""
         a = np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
         if self.name == "torch":
             import torch

@@ -1,7 +1,7 @@
 """The ``backend`` fixture: numpy_readonly's inputs are read-only; a marker's skip carries its reason, its xfail is
 strict, and a bad marker is an error.
 
-The first check runs pytest in a subprocess, on a small test file next to a copy of this directory's conftest.
+test_skip_has_its_reason_and_xfail_is_strict runs pytest in a subprocess, on a small test file next to a copy of this directory's conftest.
 """
 
 from __future__ import annotations
