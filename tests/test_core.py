@@ -371,6 +371,31 @@ def test_bad_arrays(backend):
         xlsce.value_and_grad(z, y, reduction="none", cotangent=a(np.ones(3)))
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_empty_class_axis_is_refused(backend, soft):
+    """No classes: xlsce's ValueError naming the class axis, not a reduction's error from inside (issue 18)."""
+    a = backend.asarray
+    t = a(np.zeros((5, 0))) if soft else a(np.zeros(5, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"logits must have at least one class along axis 1 \(shape \(5, 0\)\)"):
+        xlsce.cross_entropy(a(np.zeros((5, 0))), t, axis=1)
+    with pytest.raises(ValueError, match="at least one class"):
+        xlsce.value_and_grad(a(np.zeros((5, 0))), t, axis=-1)
+
+
+def test_none_arrays_are_refused(backend):
+    """None where an array is required: a TypeError that names the argument (not an AttributeError)."""
+    z, y = _inputs(backend)
+    with pytest.raises(TypeError, match="logits must be an array of an array-API library, got NoneType"):
+        xlsce.cross_entropy(None, y)
+    with pytest.raises(TypeError, match="target must be an array of an array-API library, got NoneType"):
+        xlsce.value_and_grad(z, None)
+    h, w = backend.asarray(np.zeros((4, 2))), backend.asarray(np.zeros((3, 2)))
+    with pytest.raises(TypeError, match="hidden must be an array of an array-API library, got NoneType"):
+        xlsce.linear_cross_entropy(None, w, y)
+    with pytest.raises(TypeError, match="classifier must be an array of an array-API library, got NoneType"):
+        xlsce.linear_cross_entropy(h, None, y)
+
+
 def test_out_of_range_allowed_where_masked(backend):
     z, _ = _inputs(backend)
     a = backend.asarray

@@ -37,6 +37,13 @@ def _is_int(value):
     return type(value) is int or (not isinstance(value, bool) and isinstance(value, numbers.Integral))
 
 
+def _required(**arrays):
+    """None where an array is required: a TypeError naming the argument."""
+    for name, value in arrays.items():
+        if value is None:
+            raise TypeError(f"{name} must be an array of an array-API library, got NoneType")
+
+
 def _is_array(x):
     try:
         backends.backend(x)
@@ -110,6 +117,8 @@ def validate(
     return_lse=False,
 ):
     """Check every argument; return ``(ops, Config)``, ``ops`` the backend of the call."""
+    if logits is None or target is None:
+        _required(logits=logits, target=target)
     try:
         ops = backends.backend(logits, target, weight, where)
     except TypeError as e:
@@ -133,6 +142,8 @@ def validate(
         )
     axis = int(axis) % ndim
     k = logits.shape[axis]
+    if k == 0:
+        raise ValueError(f"logits must have at least one class along axis {axis} (shape {tuple(logits.shape)})")
     positions = tuple(logits.shape[:axis]) + tuple(logits.shape[axis + 1 :])
 
     eps, z_loss, softcap = _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "K")
@@ -251,6 +262,7 @@ def validate_linear(
     """
     from . import _linear
 
+    _required(hidden=hidden, classifier=classifier, target=target)
     named = (
         ("hidden", hidden),
         ("classifier", classifier),
