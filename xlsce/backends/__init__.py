@@ -22,7 +22,8 @@ _SELECTORS = {}  # tuple of the arrays' types -> a function of the first array t
 
 
 def backend(*arrays):
-    """The backend of ``arrays`` (None entries are skipped), in the mode of this call.
+    """The backend of ``arrays``, in the mode of this call.  The first must be an array; later None
+    entries (no weight, no mask) are skipped.
 
     Raises TypeError for arrays of several libraries, or for something that is not an array.
     """
@@ -39,7 +40,7 @@ def backend(*arrays):
 def _selector(arrays):
     if any(isinstance(a, (bool, int, float, complex)) for a in arrays):  # array_namespace skips Python numbers
         raise TypeError("Python numbers are not arrays")
-    xp = _compat.array_namespace(*arrays)
+    xp, x = _compat.array_namespace(*arrays), arrays[0]
     if _compat.is_numpy_namespace(xp):
         from .numpy import NumPy
 
@@ -53,6 +54,6 @@ def _selector(arrays):
         from . import jax
 
         return jax.backend
-    lazy = _compat.is_lazy_array(arrays[0])  # Dask, ndonnx: values exist only once computed
-    ops = Generic(xp, _compat.device, traced=lazy, on_cpu="cpu" in str(_compat.device(arrays[0])).lower())
+    lazy = _compat.is_lazy_array(x)  # Dask, ndonnx: values exist only once computed
+    ops = Generic(xp, _compat.device, traced=lazy, on_cpu="cpu" in str(_compat.device(x)).lower())
     return lambda x: ops
