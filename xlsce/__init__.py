@@ -24,9 +24,16 @@ from __future__ import annotations
 
 import importlib
 
-from . import _checks
+from . import _checks, _math
 
-__all__ = ["cross_entropy", "value_and_grad", "CrossEntropyLoss", "linear_cross_entropy", "linear_value_and_grad"]
+__all__ = [
+    "cross_entropy",
+    "value_and_grad",
+    "CrossEntropyLoss",
+    "linear_cross_entropy",
+    "linear_value_and_grad",
+    "mean_denominator",
+]
 __version__ = "0.1.0"
 
 
@@ -45,6 +52,7 @@ def cross_entropy(
     z_loss=0.0,
     softcap=None,
     return_lse=False,
+    denominator=None,
 ):
     r"""Softmax cross-entropy with label smoothing, class weights and masking.
 
@@ -112,6 +120,12 @@ def cross_entropy(
         e.g. to log the z-loss :math:`\zeta\,\mathrm{lse}^2` as Liger's ``return_z_loss``
         or Cut Cross-Entropy's ``return_lse`` do.  It is differentiable: its gradient
         :math:`\mathrm{softmax}(z)` joins the loss's in the same analytic backward.
+      denominator: the mean's denominator, for a global mean under data parallelism (Hugging Face's
+        ``num_items_in_batch``): a Python number or a 0-d array of the logits' library (e.g. the
+        all-reduced or ``lax.psum``-ed :func:`mean_denominator` of every rank's targets).  The loss is
+        then :math:`\sum_i m_i \ell_i / D` (the gradient likewise), with every per-position term divided
+        by it, z-loss included; 0 where :math:`D = 0`.  Only with ``reduction="mean"`` (a ValueError
+        otherwise).  An array is never read back under tracing or off the host.
 
     Returns:
       The loss: a scalar for ``"sum"``/``"mean"``, the positions' shape for ``"none"``;
@@ -153,7 +167,10 @@ def cross_entropy(
         softcap=softcap,
         return_lse=return_lse,
     )
-    return ops.loss(cfg, logits, target, weight, where)
+    if denominator is None:
+        return ops.loss(cfg, logits, target, weight, where)
+    d = _checks.check_denominator(ops, denominator, cfg.reduction)
+    return _over(ops, ops.loss(cfg._replace(reduction="sum"), logits, target, weight, where), d)
 
 
 def value_and_grad(
@@ -171,6 +188,7 @@ def value_and_grad(
     axis=-1,
     z_loss=0.0,
     softcap=None,
+    denominator=None,
 ):
     r"""The loss of :func:`cross_entropy` and its gradient with respect to the logits.
 
@@ -190,6 +208,7 @@ def value_and_grad(
       cotangent: the cotangent of the reduced loss (default 1; for
         ``reduction="none"`` an array of the loss's shape, default ones), so
         that the result is the vector-Jacobian product.
+      denominator: the mean's global denominator, as in :func:`cross_entropy`.
       **keywords: the keywords of :func:`cross_entropy`.
 
     Returns:
@@ -226,7 +245,12 @@ def value_and_grad(
             s for i, s in enumerate(logits.shape) if i != cfg.axis
         ):
             raise ValueError("cotangent must have the shape of the per-position loss for reduction='none'")
-    return ops.value_and_grad(cfg, logits, target, weight, where, cotangent)
+    if denominator is None:
+        return ops.value_and_grad(cfg, logits, target, weight, where, cotangent)
+    d = _checks.check_denominator(ops, denominator, cfg.reduction)
+    g = _math.divide(ops, 1.0 if cotangent is None else cotangent, d, ops.compute[logits.dtype])
+    loss, grad = ops.value_and_grad(cfg._replace(reduction="sum"), logits, target, weight, where, g)
+    return _over(ops, loss, d), grad
 
 
 def linear_cross_entropy(
@@ -246,6 +270,7 @@ def linear_cross_entropy(
     z_loss=0.0,
     softcap=None,
     return_lse=False,
+    denominator=None,
 ):
     r"""Cross-entropy of a linear classifier, without ever building the full logits.
 
@@ -283,6 +308,7 @@ def linear_cross_entropy(
         positions split into ``ceil(N / C_max)`` chunks of equal size.
       label_smoothing, smoothing, weight, ignore_index, where, reduction, z_loss, softcap: as in
         :func:`cross_entropy` (the class axis is the last one).
+      denominator: the mean's global denominator, as in :func:`cross_entropy`.
       return_lse: also return the per-position log-sum-exp of the (capped) logits,
         collected chunk by chunk, as :func:`cross_entropy` does (for logging the
         z-loss ``z_loss * lse**2``).  It is differentiable; since the gradients
@@ -327,10 +353,17 @@ def linear_cross_entropy(
         softcap=softcap,
         return_lse=return_lse,
     )
-    return ops.linear_loss(cfg, chunk, hidden, classifier, bias, target, weight, where)
+    if denominator is None:
+        return ops.linear_loss(cfg, chunk, hidden, classifier, bias, target, weight, where)
+    d = _checks.check_denominator(ops, denominator, cfg.reduction)
+    return _over(
+        ops, ops.linear_loss(cfg._replace(reduction="sum"), chunk, hidden, classifier, bias, target, weight, where), d
+    )
 
 
-def linear_value_and_grad(hidden, classifier, target, /, *, cotangent=None, bias=None, chunk_size=None, **keywords):
+def linear_value_and_grad(
+    hidden, classifier, target, /, *, cotangent=None, bias=None, chunk_size=None, denominator=None, **keywords
+):
     r"""The loss of :func:`linear_cross_entropy` and its gradients, on any array library.
 
     Returns ``(loss, (dhidden, dclassifier, dbias))``, the vector-Jacobian product
@@ -362,9 +395,60 @@ def linear_value_and_grad(hidden, classifier, target, /, *, cotangent=None, bias
     ):
         raise ValueError("cotangent must have the shape of the per-position loss (target.shape) for reduction='none'")
     need = (True, True, bias is not None)
-    return ops.linear_value_and_grads(
+    d = None
+    if denominator is not None:
+        d = _checks.check_denominator(ops, denominator, cfg.reduction)
+        dt = ops.compute[hidden.dtype]
+        g = _math.divide(ops, 1.0 if cotangent is None else cotangent, d, dt)
+        cotangent = g if hasattr(g, "dtype") else ops.xp.full((), g, dtype=dt, device=ops.device(hidden))
+        cfg = cfg._replace(reduction="sum")
+    loss, grads = ops.linear_value_and_grads(
         cfg, chunk, hidden, classifier, bias, target, weight, where, need=need, cotangent=cotangent
     )
+    return (loss if d is None else _over(ops, loss, d)), grads
+
+
+def mean_denominator(target, /, *, weight=None, ignore_index=-100, where=None, axis=-1):
+    r"""The denominator of ``reduction="mean"`` for these targets: the count that a rank all-reduces
+    to get the global mean under data parallelism.
+
+    .. math::
+
+        D = \sum_i m_i\, w_{y_i} \quad\text{(class indices with class weights)},\qquad
+        D = \sum_i m_i \quad\text{(otherwise)},
+
+    with :math:`m_i = 0` at positions ignored by ``ignore_index`` or masked by ``where`` (the
+    denominator of :func:`cross_entropy`'s mean, also that of :func:`linear_cross_entropy`).
+    When each rank or device holds some of the positions (DDP, ``shard_map`` over the batch), the
+    mean of the ranks' means is not the global mean (the ranks count different numbers of
+    positions); summing, over the ranks, their losses computed with ``denominator=`` the global
+    :math:`D` (this function's result, summed over the ranks: ``torch.distributed.all_reduce``,
+    ``jax.lax.psum``) is.  As Hugging Face's ``num_items_in_batch``.
+
+    Args:
+      target: class indices (integer), or class probabilities (floating; ``axis`` is their class axis).
+      weight, ignore_index, where: as in :func:`cross_entropy` (``ignore_index`` applies to class indices).
+      axis: the class axis of probability targets (ignored for class indices).
+
+    Returns:
+      A 0-d array of the target's library: an integer count without class weights (exact), else
+      the sum of the counted positions' class weights in the weights' compute dtype.
+
+    Example:
+      >>> import numpy as np
+      >>> import xlsce
+      >>> rng = np.random.default_rng(0)
+      >>> logits, target = rng.normal(size=(6, 4)), np.array([0, 3, -100, 1, -100, -100])
+      >>> parts = [slice(0, 2), slice(2, 6)]  # two ranks, 2 and 1 counted positions
+      >>> d = sum(xlsce.mean_denominator(target[p]) for p in parts)  # the all-reduce
+      >>> int(d)
+      3
+      >>> total = sum(xlsce.cross_entropy(logits[p], target[p], denominator=d) for p in parts)
+      >>> bool(np.isclose(total, xlsce.cross_entropy(logits, target)))
+      True
+    """
+    ops, cfg = _checks.validate_denominator_targets(target, weight, where, ignore_index=ignore_index, axis=axis)
+    return _math.mean_denominator(ops, cfg, target, weight, where)
 
 
 class CrossEntropyLoss:
@@ -393,12 +477,13 @@ class CrossEntropyLoss:
             raise TypeError(f"unknown keywords {sorted(unknown)}; expected some of {sorted(_KEYWORDS)}")
         self.keywords = keywords
 
-    def __call__(self, logits, target, /):
-        return cross_entropy(logits, target, **self.keywords)
+    def __call__(self, logits, target, /, *, denominator=None):
+        """The loss; ``denominator``: the global mean's denominator (see :func:`cross_entropy`)."""
+        return cross_entropy(logits, target, denominator=denominator, **self.keywords)
 
-    def value_and_grad(self, logits, target, /, *, cotangent=None):
+    def value_and_grad(self, logits, target, /, *, cotangent=None, denominator=None):
         """:func:`value_and_grad` with this loss's keywords."""
-        return value_and_grad(logits, target, cotangent=cotangent, **self.keywords)
+        return value_and_grad(logits, target, cotangent=cotangent, denominator=denominator, **self.keywords)
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.keywords.items())
@@ -416,6 +501,13 @@ _KEYWORDS = {
     "z_loss",
     "softcap",
 }
+
+
+def _over(ops, out, d):
+    """The reduced loss (first of a tuple) divided by the explicit ``denominator=``."""
+    if isinstance(out, tuple):
+        return (_math.divide(ops, out[0], d), *out[1:])
+    return _math.divide(ops, out, d)
 
 
 def __getattr__(name):

@@ -345,3 +345,73 @@ def validate_linear(
         return_lse=_check_lse(return_lse),
     )
     return ops, cfg, chunk
+
+
+def check_denominator(ops, denominator, reduction):
+    """The ``denominator=`` of a global mean: a Python number >= 0 or a 0-d real array of the inputs' library
+    (read, for a check, only where values live on the host); only with ``reduction="mean"``."""
+    if reduction != "mean":
+        raise ValueError(
+            f'denominator= replaces the denominator of reduction="mean" (the loss is the sum of the per-position '
+            f"terms over it); got reduction={reduction!r}"
+        )
+    if isinstance(denominator, numbers.Real) and not isinstance(denominator, bool):
+        return _number("denominator", denominator, low=0.0)
+    try:
+        same = type(backends.backend(denominator)) is type(ops)
+    except TypeError:
+        same = False
+    if not same or getattr(denominator, "ndim", None) != 0:
+        raise TypeError(
+            "denominator must be a Python number or a 0-d array of the logits' library (e.g. a count that was "
+            f"all-reduced over the data-parallel ranks), got {type(denominator).__name__} "
+            f"of shape {tuple(getattr(denominator, 'shape', ()))}"
+        )
+    if denominator.dtype not in ops.floats and denominator.dtype not in ops.ints:
+        raise TypeError(f"denominator must have a real (integer or floating) dtype, got {denominator.dtype}")
+    ops.require(denominator >= 0, "denominator must be >= 0")
+    return denominator
+
+
+def validate_denominator_targets(target, weight, where, *, ignore_index, axis):
+    """The arguments of ``mean_denominator``; return ``(ops, Config)``."""
+    _required(target=target)
+    try:
+        ops = backends.backend(target, weight, where)
+    except TypeError as e:
+        for name, value in (("target", target), ("weight", weight), ("where", where)):
+            if value is not None and not _is_array(value):
+                raise TypeError(
+                    f"{name} must be an array of an array-API library, got {type(value).__name__}"
+                ) from None
+        raise TypeError("target, weight and where must come from one array library") from e
+    soft = target.dtype in ops.floats
+    if not soft and target.dtype not in ops.ints:
+        raise TypeError(f"target must hold integer class indices or floating probabilities, got dtype {target.dtype}")
+    if ignore_index is not None and not _is_int(ignore_index):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    positions = tuple(target.shape)
+    if soft:
+        ndim = target.ndim
+        if ndim < 1 or not _is_int(axis) or not -ndim <= axis < ndim:
+            raise ValueError(f"axis must be an int in [{-ndim}, {ndim}) for probability targets of shape {positions}")
+        axis = int(axis) % ndim
+        positions = positions[:axis] + positions[axis + 1 :]
+    if weight is not None:
+        if weight.dtype not in ops.floats:
+            raise TypeError(f"weight must have a real floating dtype, got {weight.dtype}")
+        if weight.ndim != 1:
+            raise ValueError(f"weight must have shape (K,) (one per class), got {tuple(weight.shape)}")
+    if where is not None:
+        _check_weight_where(ops, None, where, None, positions)
+    if not soft and weight is not None:
+        _check_indices(ops, target, weight.shape[0], ignore_index, where)
+    cfg = Config(
+        axis=axis if soft else 0,
+        eps=0.0,
+        exclusive=False,
+        reduction="mean",
+        ignore_index=None if soft or ignore_index is None else int(ignore_index),
+        soft=soft,
+    )
+    return ops, cfg

@@ -48,7 +48,17 @@ import math
 
 from ._types import Config, Residuals
 
-__all__ = ["Config", "Residuals", "backward", "capped_logits", "forward", "reported_lse", "valid_positions"]
+__all__ = [
+    "Config",
+    "Residuals",
+    "backward",
+    "capped_logits",
+    "divide",
+    "forward",
+    "mean_denominator",
+    "reported_lse",
+    "valid_positions",
+]
 
 
 def capped_logits(ops, cfg: Config, logits):
@@ -87,6 +97,38 @@ def valid_positions(xp, cfg: Config, target, where):
     if where is not None:
         valid = where if valid is None else xp.logical_and(valid, where)
     return valid
+
+
+def mean_denominator(ops, cfg: Config, target, weight, where):
+    """The "mean" denominator, from the targets alone: ``D = sum_i m_i w[y_i]`` for class indices with
+    class weights (in the weights' compute dtype), else the number of counted positions ``sum_i m_i``
+    (an integer count, exact); a 0-d array.  The same count as :func:`_reduction_factor`'s."""
+    xp = ops.xp
+    valid = valid_positions(xp, cfg, target, where)
+    if weight is not None and not cfg.soft:
+        wv = xp.astype(weight, ops.compute[weight.dtype], copy=False)
+        w_y = ops.take_classes(wv, target if valid is None else ops.where0(valid, target))
+        return xp.sum(w_y if valid is None else xp.where(valid, w_y, 0.0))
+    dev = ops.device(target)
+    count = xp.__array_namespace_info__().default_dtypes(device=dev)["integral"]
+    if valid is None:
+        shape = target.shape[: cfg.axis] + target.shape[cfg.axis + 1 :] if cfg.soft else target.shape
+        return xp.full((), math.prod(shape), dtype=count, device=dev)
+    return xp.sum(xp.astype(valid, count))
+
+
+def divide(ops, x, d, dtype=None):
+    """``x / d`` for the explicit ``denominator=`` of a mean, 0 where ``d == 0`` (as a mean over nothing).
+    ``d`` is a Python number or a 0-d array that is read only where that is cheap (``ops.number``: eager,
+    on the host; never under tracing or on an accelerator); the result keeps ``x``'s dtype (``dtype`` for
+    a Python number ``x`` over an array ``d``)."""
+    xp = ops.xp
+    d = ops.number(d)
+    if not hasattr(d, "dtype"):
+        return x * 0.0 if d == 0 else x / float(d)
+    d = xp.astype(d, x.dtype if hasattr(x, "dtype") else dtype)
+    nothing = d == 0
+    return xp.where(nothing, 0.0, x / xp.where(nothing, 1.0, d))
 
 
 def _coefficients(xp, cfg: Config, k_eff):

@@ -82,10 +82,11 @@ class CrossEntropyLoss(torch.nn.Module):
         self.z_loss = z_loss
         self.softcap = softcap
 
-    def forward(self, input, target):
+    def forward(self, input, target, *, denominator=None):
         return cross_entropy(
             input,
             target,
+            denominator=denominator,
             weight=self.weight,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
