@@ -2,7 +2,8 @@
 
 * :mod:`~xlsce.backends.generic`: the array API standard (array-api-strict, CuPy, Dask, any library);
 * :mod:`~xlsce.backends.numpy`, :mod:`~xlsce.backends.torch`, :mod:`~xlsce.backends.jax`: the
-  overrides of each framework, with its autodiff registration.
+  overrides of each framework, with its autodiff registration;
+* :mod:`~xlsce.backends.dask`: the NumPy backend on each chunk of positions, lazily.
 
 :func:`backend` is the one place that asks array-api-compat (through ``_compat``, the only module
 that imports it) which library the arrays belong to; the answer depends on their types alone and
@@ -54,6 +55,10 @@ def _selector(arrays):
         from . import jax
 
         return jax.backend
+    if _compat.is_dask_namespace(xp):
+        from . import dask
+
+        return dask.backend
     lazy = _compat.is_lazy_array(x)  # Dask, ndonnx: values exist only once computed
     ops = Generic(xp, _compat.device, traced=lazy, on_cpu="cpu" in str(_compat.device(x)).lower())
     return lambda x: ops

@@ -5,6 +5,7 @@ from __future__ import annotations
 from array_api_compat import (
     array_namespace,
     device,
+    is_dask_namespace,
     is_jax_namespace,
     is_lazy_array,
     is_numpy_namespace,
@@ -14,6 +15,7 @@ from array_api_compat import (
 __all__ = [
     "array_namespace",
     "device",
+    "is_dask_namespace",
     "is_jax_namespace",
     "is_lazy_array",
     "is_numpy_namespace",
