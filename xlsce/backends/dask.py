@@ -47,15 +47,17 @@ class Dask(Generic):
         """``v[index]`` chunk by chunk (array-api-compat's Dask namespace lacks an index gather that takes a
         Dask array of any shape); an index out of range raises xlsce's ValueError when computed."""
         ind = _letters(index.ndim)
-        return da.blockwise(_take, ind, index, ind, v.rechunk(-1), "z", dtype=v.dtype, concatenate=True)
+        return _blockwise(_take, ind, index, ind, v.rechunk(-1), "z", dtype=v.dtype)
 
     # ------------------------------------------------------------------ entry points
 
     def loss(self, cfg, logits, target, weight, where):
         args, pos, ind = self._inputs(cfg, logits, target, weight, where)
+        if cfg.reduction != "none" and not cfg.return_lse:  # one task per chunk: its sum and its count
+            return self._sum_and_count(cfg, _sum_block, args, pos, logits.dtype)
         meta = np.empty((0,) * len(pos), dtype=logits.dtype)
         fn = functools.partial(_loss_block, cfg=cfg._replace(reduction="none"))
-        loss = da.blockwise(fn, pos, *args, dtype=logits.dtype, meta=meta, concatenate=True)
+        loss = _blockwise(fn, pos, *args, dtype=logits.dtype, meta=meta)
         if cfg.return_lse:
             loss, lse = (_entry(loss, pos, pos, i, meta) for i in (0, 1))
         out = self._reduce(cfg, loss, logits.dtype, target, weight, where)
@@ -66,16 +68,18 @@ class Dask(Generic):
         g, d = self._scaled_cotangent(cfg, cotangent, target, weight, where, self.compute[logits.dtype])
         meta = np.empty((0,) * logits.ndim, dtype=logits.dtype)
         fn = functools.partial(_grad_block, cfg=cfg._replace(reduction="none"))
-        both = da.blockwise(fn, ind, *args, *_scalar_or(g, pos), dtype=logits.dtype, meta=meta, concatenate=True)
+        both = _blockwise(fn, ind, *args, *_scalar_or(g, pos), dtype=logits.dtype, meta=meta)
         grad = _entry(both, ind, ind, 1, meta)
         loss = _entry(both, ind, pos, 0, np.empty((0,) * len(pos), dtype=logits.dtype))
         return self._reduce(cfg, loss, logits.dtype, target, weight, where, d), grad
 
     def linear_loss(self, cfg, chunk, hidden, classifier, bias, target, weight, where):
         args, pos = self._linear_inputs(hidden, classifier, bias, target, weight, where)
+        if cfg.reduction != "none" and not cfg.return_lse:
+            return self._sum_and_count(cfg, functools.partial(_linear_sum_block, chunk=chunk), args, pos, hidden.dtype)
         meta = np.empty((0,) * len(pos), dtype=hidden.dtype)
         fn = functools.partial(_linear_block, cfg=cfg._replace(reduction="none"), chunk=chunk)
-        loss = da.blockwise(fn, pos, *args, dtype=hidden.dtype, meta=meta, concatenate=True)
+        loss = _blockwise(fn, pos, *args, dtype=hidden.dtype, meta=meta)
         if cfg.return_lse:
             loss, lse = (_entry(loss, pos, pos, i, meta) for i in (0, 1))
         out = self._reduce(cfg, loss, hidden.dtype, target, weight, where)
@@ -88,7 +92,7 @@ class Dask(Generic):
         ind = pos + "h"
         meta = np.empty((0,) * hidden.ndim, dtype=hidden.dtype)
         fn = functools.partial(_linear_grad_block, cfg=cfg._replace(reduction="none"), chunk=chunk, need=need)
-        every = da.blockwise(fn, ind, *args, *_scalar_or(g, pos), meta=meta, concatenate=True)
+        every = _blockwise(fn, ind, *args, *_scalar_or(g, pos), meta=meta)
         loss = _entry(every, ind, pos, 0, np.empty((0,) * len(pos), dtype=hidden.dtype))
         dh = _entry(every, ind, ind, 1, meta) if need[0] else None
         v = classifier.shape[0]
@@ -138,6 +142,17 @@ class Dask(Generic):
                 return float(math.prod(positions))
             return da.sum(where.astype(np.int64))
         return _math.mean_denominator(self, cfg, target, weight, where)
+
+    def _sum_and_count(self, cfg, block, args, pos, dtype):
+        """The "sum" or "mean" loss from one task per chunk, which returns its sum and (for "mean") its
+        denominator (float64: counts exact to 2**53), summed over the chunks."""
+        mean = cfg.reduction == "mean"
+        fn = functools.partial(block, cfg=cfg._replace(reduction="sum"), mean=mean, lead=len(pos))
+        meta = np.empty((0,) * (len(pos) + 1), dtype=np.float64)
+        parts = _blockwise(fn, pos + "S", *args, new_axes={"S": 2}, adjust_chunks={p: 1 for p in pos}, meta=meta)
+        total = da.sum(parts, axis=tuple(range(len(pos))))
+        out = _math.divide(self, total[0], total[1]) if mean else total[0]
+        return out.astype(dtype)
 
     def _scaled_cotangent(self, cfg, cotangent, target, weight, where, dt):
         """``(g, d)``: the cotangent of each position's loss (``cotangent / D`` for "mean"; a Python number or
@@ -207,6 +222,18 @@ def _loss_block(logits, target, where, weight, *, cfg):
     return _NUMPY.loss(cfg, logits, target, weight, where)
 
 
+def _sum_block(logits, target, where, weight, *, cfg, mean, lead):
+    if not cfg.soft:
+        _check_classes(cfg, logits.shape[cfg.axis], target, where)
+    total = _NUMPY.loss(cfg, logits, target, weight, where)
+    return _sum_count(total, cfg, target, weight, where, mean, lead)
+
+
+def _sum_count(total, cfg, target, weight, where, mean, lead):
+    count = _math.mean_denominator(_NUMPY, cfg, target, weight, where) if mean else 0.0
+    return np.array([total, count], dtype=np.float64).reshape((1,) * lead + (2,))
+
+
 def _grad_block(logits, target, where, weight, g, *, cfg):
     if not cfg.soft:
         _check_classes(cfg, logits.shape[cfg.axis], target, where)
@@ -221,6 +248,12 @@ def _linear_block(hidden, classifier, bias, target, where, weight, *, cfg, chunk
     return _NUMPY.linear_loss(cfg, chunk, hidden, classifier, bias, target, weight, where)
 
 
+def _linear_sum_block(hidden, classifier, bias, target, where, weight, *, cfg, chunk, mean, lead):
+    _check_classes(cfg, classifier.shape[0], target, where)
+    total = _NUMPY.linear_loss(cfg, chunk, hidden, classifier, bias, target, weight, where)
+    return _sum_count(total, cfg, target, weight, where, mean, lead)
+
+
 def _linear_grad_block(hidden, classifier, bias, target, where, weight, g, *, cfg, chunk, need):
     _check_classes(cfg, classifier.shape[0], target, where)
     if np.ndim(g) == 0:
@@ -231,16 +264,30 @@ def _linear_grad_block(hidden, classifier, bias, target, where, weight, g, *, cf
     return loss, dh, dw, db
 
 
+def _blockwise(fn, out, *args, **kw):
+    """``da.blockwise`` whose function receives each input's one chunk along the axes not in ``out`` (all of
+    one chunk here) as it is: ``concatenate=True`` would copy it (``concatenate3`` of a single chunk)."""
+    return da.blockwise(functools.partial(_unwrapped, fn), out, *args, concatenate=False, **kw)
+
+
+def _unwrapped(fn, *args):
+    return fn(*(_single(a) for a in args))
+
+
+def _single(a):
+    while type(a) is list:  # blockwise's nested lists along contracted axes, of one chunk each
+        (a,) = a
+    return a
+
+
 def _entry(chunks, ind, out, i, meta, lead=0, **kw):
     """Entry ``i`` of the tuple-valued chunks of ``chunks`` (index ``ind``) as an array of index ``out``
     (axes of ``ind`` not in ``out``: one chunk each), with ``lead`` leading axes of length 1."""
-    fn = functools.partial(_get, i=i, depth=len(set(ind) - set(out)), lead=lead)
-    return da.blockwise(fn, out, chunks, ind, concatenate=False, meta=meta, dtype=meta.dtype, **kw)
+    fn = functools.partial(_get, i=i, lead=lead)
+    return _blockwise(fn, out, chunks, ind, meta=meta, dtype=meta.dtype, **kw)
 
 
-def _get(r, *, i, depth, lead):
-    for _ in range(depth):  # blockwise's nested lists along the contracted axes, of one chunk each
-        (r,) = r
+def _get(r, *, i, lead):
     x = r[i]
     return x[(None,) * lead] if lead else x
 
