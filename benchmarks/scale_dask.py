@@ -14,7 +14,7 @@ default in CPU time (``--clock cpu``: the process's, all threads; ``--clock wall
 ``stream``: in a fresh process, logits generated lazily chunk by chunk (``da.random.default_rng(seed)``,
 float32, ``rows x classes``: 26 GB at the defaults, more than this machine's 24 GiB) and class-index
 targets (every 10th position ignored); the loss, computed once with the threaded scheduler; its wall
-time, the process's peak RSS (``resource.getrusage``'s ru_maxrss) and its RSS before the computation.
+time, the process's peak RSS (VmHWM in /proc/self/status) and its RSS before the computation.
 
 ``benchmarks.scale`` calls :func:`run` (``quick=True`` for its smoke test).
 """
@@ -82,8 +82,6 @@ def speed(
 
 def stream(rows=200_000, classes=32768, chunk_rows=512, seed=0, label_smoothing=0.1):
     """In this process: the loss over lazily generated float32 logits; wall time and peak RSS."""
-    import resource
-
     import dask.array as da
     import numpy as np
 
@@ -98,7 +96,7 @@ def stream(rows=200_000, classes=32768, chunk_rows=512, seed=0, label_smoothing=
     t0 = time.perf_counter()
     value = float(loss.compute(scheduler="threads"))
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _rss("VmHWM:")
     return {
         "rows": rows,
         "classes": classes,
@@ -118,10 +116,13 @@ def _same(r):
     return r
 
 
-def _rss():
+def _rss(field="VmRSS:"):
+    """This process's resident set (``VmHWM:``: its peak) in bytes, from /proc/self/status.  The peak of
+    the process's own memory since it started: ``getrusage``'s ru_maxrss would not do in a child process,
+    since Linux carries the parent's peak over into it across fork and exec."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     return 0
 

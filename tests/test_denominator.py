@@ -76,7 +76,7 @@ def test_parts_sum_to_the_unsharded_mean(backend, parts, case, as_array):
     kw = _kw(b, weight, where, eps, z_loss)
     cuts = SPLITS[parts]
     shards = []
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
         m = None if where is None else b.asarray(where[lo:hi])
         shards.append((b.asarray(logits[lo:hi]), b.asarray(target[lo:hi]), m))
     counts = [xlsce.mean_denominator(t, weight=kw.get("weight"), where=m) for _, t, m in shards]
@@ -135,7 +135,7 @@ def test_linear_parts_sum_to_the_unsharded_mean(backend, parts):
     want, want_grad, want_d = reference(logits, target, weight, eps=0.1)
     w, W, c = b.asarray(weight), b.asarray(classifier), b.asarray(bias)
     cuts = SPLITS[parts]
-    shards = [(b.asarray(hidden[lo:hi]), b.asarray(target[lo:hi])) for lo, hi in zip(cuts[:-1], cuts[1:])]
+    shards = [(b.asarray(hidden[lo:hi]), b.asarray(target[lo:hi])) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]
     d = sum(float(b.to_numpy(xlsce.mean_denominator(t, weight=w))) for _, t in shards)
     np.testing.assert_allclose(d, want_d, rtol=1e-12)
     total, dhs, dw, db = 0.0, [], 0.0, 0.0
@@ -204,9 +204,7 @@ def test_jax_jit_traced_denominator():
     logits, target, weight, where = problem(masked=True)
     want, want_grad, d = reference(logits, target, where=where, eps=0.1)
     t, m = jax.numpy.asarray(target), jax.numpy.asarray(where)
-    f = jax.jit(
-        jax.value_and_grad(lambda z, d: xlsce.cross_entropy(z, t, where=m, label_smoothing=0.1, denominator=d))
-    )
+    f = jax.jit(jax.value_and_grad(lambda z, d: xlsce.cross_entropy(z, t, where=m, label_smoothing=0.1, denominator=d)))
     loss, grad = f(jax.numpy.asarray(logits), jax.numpy.asarray(d))
     np.testing.assert_allclose(float(loss), want, rtol=1e-12)
     np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-11, atol=1e-15)
