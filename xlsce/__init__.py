@@ -10,10 +10,11 @@ The modules, in the direction of their imports (no cycles; ``tests/test_backends
     xlsce/_checks.py         validation: every argument, before any computation
     xlsce/backends/          one small backend per framework, chosen once per call by the arrays' types
         __init__.py          the choice (the one module that imports array-api-compat)
-        generic.py           the array API standard: array-api-strict, CuPy, Dask, any library
+        generic.py           the array API standard: array-api-strict, CuPy, any library
         numpy.py             NumPy's in-place primitives and bound reductions
         torch.py             PyTorch's primitives and its autograd.Functions
         jax.py               JAX's primitives and its custom_vjp / custom_jvp
+        dask.py              the NumPy backend on each chunk of a Dask array, lazily
     xlsce/_math.py           the loss and its analytic gradient, once, against the array API
     xlsce/_linear.py         the chunked linear + cross-entropy, once
     xlsce/_types.py          the static configuration and the residuals

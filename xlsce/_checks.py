@@ -6,7 +6,8 @@ Value checks on arrays (class indices in range) read values back only on the hos
 (eager NumPy, PyTorch on the CPU, eager JAX on the CPU, array-api-strict); on a GPU or
 meta tensors PyTorch checks with a device-side assertion (no synchronisation, as
 ``F.cross_entropy`` on CUDA), and they are skipped under ``jax.jit``/``vmap``,
-``torch.compile`` and for lazy arrays (Dask).
+``torch.compile`` and for lazy arrays (Dask: checked in each chunk's task when computed,
+``xlsce/backends/dask.py``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The backends: one small class per framework, chosen once per call by the arrays' types.
 
-* :mod:`~xlsce.backends.generic`: the array API standard (array-api-strict, CuPy, Dask, any library);
+* :mod:`~xlsce.backends.generic`: the array API standard (array-api-strict, CuPy, any library);
 * :mod:`~xlsce.backends.numpy`, :mod:`~xlsce.backends.torch`, :mod:`~xlsce.backends.jax`: the
   overrides of each framework, with its autodiff registration;
 * :mod:`~xlsce.backends.dask`: the NumPy backend on each chunk of positions, lazily.
@@ -59,6 +59,6 @@ def _selector(arrays):
         from . import dask
 
         return dask.backend
-    lazy = _compat.is_lazy_array(x)  # Dask, ndonnx: values exist only once computed
+    lazy = _compat.is_lazy_array(x)  # ndonnx: values exist only once computed
     ops = Generic(xp, _compat.device, traced=lazy, on_cpu="cpu" in str(_compat.device(x)).lower())
     return lambda x: ops
