@@ -106,7 +106,11 @@ def test_maths_ask_no_backend():
 def test_frameworks_only_in_their_backend_files():
     """A framework is imported only by its own backend file (and the torch module; ``python -m xlsce``,
     the demo, runs on every installed library); array-api-compat by one module."""
-    allowed = {"torch": {"xlsce.backends.torch", "xlsce.torch"}, "jax": {"xlsce.backends.jax"}}
+    allowed = {
+        "torch": {"xlsce.backends.torch", "xlsce.torch"},
+        "jax": {"xlsce.backends.jax"},
+        "keras": {"xlsce.keras"},
+    }
     for module, (_, every) in _graph().items():
         for imported in every:
             if FRAMEWORKS.match(imported) and module != "xlsce.__main__":
