@@ -23,29 +23,93 @@ The modules, in the direction of their imports (no cycles; ``tests/test_backends
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, overload
 
 from . import _checks
+
+if TYPE_CHECKING:  # the annotations' names: nothing is imported at runtime
+    from typing import Any, Literal
+
+    from typing_extensions import Unpack
+
+    from ._typing import Array, ArrayT, Keywords, LinearKeywords, Reduction, Smoothing
 
 __all__ = ["cross_entropy", "value_and_grad", "CrossEntropyLoss", "linear_cross_entropy", "linear_value_and_grad"]
 __version__ = "0.1.0"
 
 
+# The overloads tell a checker what comes back: the loss in the logits' array type, and a tuple when
+# more is asked for (return_lse; return_token_accuracy will add a third element the same way: one
+# `return_token_accuracy: Literal[False] = ...` line in each overload, and overloads for True).
+@overload
 def cross_entropy(
-    logits,
-    target,
+    logits: ArrayT,
+    target: Array,
     /,
     *,
-    label_smoothing=0.0,
-    smoothing="uniform",
-    weight=None,
-    ignore_index=-100,
-    where=None,
-    reduction="mean",
-    axis=-1,
-    z_loss=0.0,
-    softcap=None,
-    return_lse=False,
-):
+    label_smoothing: float = ...,
+    smoothing: Smoothing = ...,
+    weight: Array | None = ...,
+    ignore_index: int | None = ...,
+    where: Array | None = ...,
+    reduction: Reduction = ...,
+    axis: int = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: Literal[False] = ...,
+) -> ArrayT: ...
+@overload
+def cross_entropy(
+    logits: ArrayT,
+    target: Array,
+    /,
+    *,
+    label_smoothing: float = ...,
+    smoothing: Smoothing = ...,
+    weight: Array | None = ...,
+    ignore_index: int | None = ...,
+    where: Array | None = ...,
+    reduction: Reduction = ...,
+    axis: int = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: Literal[True],
+) -> tuple[ArrayT, ArrayT]: ...
+@overload
+def cross_entropy(
+    logits: ArrayT,
+    target: Array,
+    /,
+    *,
+    label_smoothing: float = ...,
+    smoothing: Smoothing = ...,
+    weight: Array | None = ...,
+    ignore_index: int | None = ...,
+    where: Array | None = ...,
+    reduction: Reduction = ...,
+    axis: int = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: bool,
+) -> ArrayT | tuple[ArrayT, ArrayT]: ...
+
+
+def cross_entropy(
+    logits: ArrayT,
+    target: Array,
+    /,
+    *,
+    label_smoothing: float = 0.0,
+    smoothing: Smoothing = "uniform",
+    weight: Array | None = None,
+    ignore_index: int | None = -100,
+    where: Array | None = None,
+    reduction: Reduction = "mean",
+    axis: int = -1,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+) -> ArrayT | tuple[ArrayT, ArrayT]:
     r"""Softmax cross-entropy with label smoothing, class weights and masking.
 
     For one position with logits :math:`z \in \mathbb{R}^K` (along ``axis``),
@@ -157,21 +221,21 @@ def cross_entropy(
 
 
 def value_and_grad(
-    logits,
-    target,
+    logits: ArrayT,
+    target: Array,
     /,
     *,
-    cotangent=None,
-    label_smoothing=0.0,
-    smoothing="uniform",
-    weight=None,
-    ignore_index=-100,
-    where=None,
-    reduction="mean",
-    axis=-1,
-    z_loss=0.0,
-    softcap=None,
-):
+    cotangent: Array | float | None = None,
+    label_smoothing: float = 0.0,
+    smoothing: Smoothing = "uniform",
+    weight: Array | None = None,
+    ignore_index: int | None = -100,
+    where: Array | None = None,
+    reduction: Reduction = "mean",
+    axis: int = -1,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> tuple[ArrayT, ArrayT]:
     r"""The loss of :func:`cross_entropy` and its gradient with respect to the logits.
 
     The gradient comes from the analytic backward, in the inputs' own library,
@@ -229,24 +293,83 @@ def value_and_grad(
     return ops.value_and_grad(cfg, logits, target, weight, where, cotangent)
 
 
+@overload
 def linear_cross_entropy(
-    hidden,
-    classifier,
-    target,
+    hidden: ArrayT,
+    classifier: Array,
+    target: Array,
     /,
     *,
-    bias=None,
-    chunk_size=None,
-    label_smoothing=0.0,
-    smoothing="uniform",
-    weight=None,
-    ignore_index=-100,
-    where=None,
-    reduction="mean",
-    z_loss=0.0,
-    softcap=None,
-    return_lse=False,
-):
+    bias: Array | None = ...,
+    chunk_size: int | None = ...,
+    label_smoothing: float = ...,
+    smoothing: Smoothing = ...,
+    weight: Array | None = ...,
+    ignore_index: int | None = ...,
+    where: Array | None = ...,
+    reduction: Reduction = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: Literal[False] = ...,
+) -> ArrayT: ...
+@overload
+def linear_cross_entropy(
+    hidden: ArrayT,
+    classifier: Array,
+    target: Array,
+    /,
+    *,
+    bias: Array | None = ...,
+    chunk_size: int | None = ...,
+    label_smoothing: float = ...,
+    smoothing: Smoothing = ...,
+    weight: Array | None = ...,
+    ignore_index: int | None = ...,
+    where: Array | None = ...,
+    reduction: Reduction = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: Literal[True],
+) -> tuple[ArrayT, ArrayT]: ...
+@overload
+def linear_cross_entropy(
+    hidden: ArrayT,
+    classifier: Array,
+    target: Array,
+    /,
+    *,
+    bias: Array | None = ...,
+    chunk_size: int | None = ...,
+    label_smoothing: float = ...,
+    smoothing: Smoothing = ...,
+    weight: Array | None = ...,
+    ignore_index: int | None = ...,
+    where: Array | None = ...,
+    reduction: Reduction = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    return_lse: bool,
+) -> ArrayT | tuple[ArrayT, ArrayT]: ...
+
+
+def linear_cross_entropy(
+    hidden: ArrayT,
+    classifier: Array,
+    target: Array,
+    /,
+    *,
+    bias: Array | None = None,
+    chunk_size: int | None = None,
+    label_smoothing: float = 0.0,
+    smoothing: Smoothing = "uniform",
+    weight: Array | None = None,
+    ignore_index: int | None = -100,
+    where: Array | None = None,
+    reduction: Reduction = "mean",
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+) -> ArrayT | tuple[ArrayT, ArrayT]:
     r"""Cross-entropy of a linear classifier, without ever building the full logits.
 
     The value and gradients are those of
@@ -330,7 +453,17 @@ def linear_cross_entropy(
     return ops.linear_loss(cfg, chunk, hidden, classifier, bias, target, weight, where)
 
 
-def linear_value_and_grad(hidden, classifier, target, /, *, cotangent=None, bias=None, chunk_size=None, **keywords):
+def linear_value_and_grad(
+    hidden: ArrayT,
+    classifier: Array,
+    target: Array,
+    /,
+    *,
+    cotangent: Array | float | None = None,
+    bias: Array | None = None,
+    chunk_size: int | None = None,
+    **keywords: Unpack[LinearKeywords],
+) -> tuple[ArrayT, tuple[ArrayT, ArrayT, ArrayT | None]]:
     r"""The loss of :func:`linear_cross_entropy` and its gradients, on any array library.
 
     Returns ``(loss, (dhidden, dclassifier, dbias))``, the vector-Jacobian product
@@ -387,20 +520,29 @@ class CrossEntropyLoss:
       (``optax/losses/_classification.py``).
     """
 
-    def __init__(self, **keywords):
+    keywords: dict[str, Any]
+
+    def __init__(self, **keywords: Unpack[Keywords]) -> None:
         unknown = set(keywords) - _KEYWORDS
         if unknown:
             raise TypeError(f"unknown keywords {sorted(unknown)}; expected some of {sorted(_KEYWORDS)}")
-        self.keywords = keywords
+        self.keywords = dict(keywords)
 
-    def __call__(self, logits, target, /):
+    def __call__(self, logits: ArrayT, target: Array, /) -> ArrayT:
         return cross_entropy(logits, target, **self.keywords)
 
-    def value_and_grad(self, logits, target, /, *, cotangent=None):
+    def value_and_grad(
+        self,
+        logits: ArrayT,
+        target: Array,
+        /,
+        *,
+        cotangent: Array | float | None = None,
+    ) -> tuple[ArrayT, ArrayT]:
         """:func:`value_and_grad` with this loss's keywords."""
         return value_and_grad(logits, target, cotangent=cotangent, **self.keywords)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.keywords.items())
         return f"xlsce.CrossEntropyLoss({args})"
 
@@ -418,8 +560,10 @@ _KEYWORDS = {
 }
 
 
-def __getattr__(name):
-    # `xlsce.torch` is imported on first use, so `import xlsce` never imports torch.
-    if name == "torch":
-        return importlib.import_module(".torch", __name__)
-    raise AttributeError(f"module 'xlsce' has no attribute {name!r}")
+if not TYPE_CHECKING:  # a checker sees no catch-all attribute, so that it flags a misspelt name
+
+    def __getattr__(name):
+        # `xlsce.torch` and `xlsce.keras` are imported on first use, so `import xlsce` imports neither.
+        if name in ("torch", "keras"):
+            return importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module 'xlsce' has no attribute {name!r}")

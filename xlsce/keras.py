@@ -77,7 +77,7 @@ class _XlsceLoss(keras.losses.Loss):
                 f"xlsce.keras runs on the Keras backends {_BACKENDS}; this Keras runs on "
                 f"{keras.backend.backend()!r} (set KERAS_BACKEND before importing keras)"
             )
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        super().__init__(name=name, reduction=reduction, dtype=dtype)  # type: ignore[arg-type]  # Keras: str, None too
         if from_logits is not True and from_logits is not False:
             raise TypeError(f"from_logits must be a bool, got {type(from_logits).__name__}")
         if not _checks._is_int(axis):
@@ -98,7 +98,7 @@ class _XlsceLoss(keras.losses.Loss):
         self.label_smoothing = label_smoothing
         self.axis = axis
         self.ignore_class = ignore_class
-        self.smoothing = smoothing
+        self.smoothing: Literal["uniform", "exclusive"] = smoothing
         self.weight = weight
         self.z_loss = z_loss
         self.softcap = softcap
@@ -108,7 +108,7 @@ class _XlsceLoss(keras.losses.Loss):
         if not self.from_logits:  # probabilities, as Keras reads them: normalised, clipped, then their log
             eps = keras.config.epsilon()
             y_pred = ops.log(ops.clip(y_pred / ops.sum(y_pred, axis=self.axis, keepdims=True), eps, 1.0 - eps))
-        weight = None if self.weight is None else ops.convert_to_tensor(self.weight, dtype=y_pred.dtype)
+        weight: Any = None if self.weight is None else ops.convert_to_tensor(self.weight, dtype=y_pred.dtype)
         return cross_entropy(
             y_pred,
             target,
