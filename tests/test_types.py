@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-USER_SCRIPT = '''\
+USER_SCRIPT = """\
 from __future__ import annotations
 
 import jax
@@ -94,7 +94,7 @@ xlsce.linear_value_and_grad(h, w, y, axis=0)  # type: ignore
 xlsce.torch.CrossEntropyLoss(reduction="avg")  # type: ignore
 xlsce.keras.CrossEntropy(reduction="avg")  # type: ignore
 xlsce.cross_entropyy  # type: ignore
-'''
+"""
 CONTROL = "assert_type(xlsce.cross_entropy(z, y), F64)  # type: ignore\n"  # nothing to ignore: must be reported
 
 

@@ -20,9 +20,9 @@ Differences from Keras (deliberate):
   (:math:`\epsilon` = ``keras.config.epsilon()``, 1e-7) and exactly where no probability is clipped.
 * ``label_smoothing`` spreads :math:`\varepsilon` over ``y_pred.shape[axis]`` classes; Keras 3.15's
   ``CategoricalCrossentropy`` uses ``y_true.shape[-1]`` whatever ``axis`` is (the same for ``axis=-1``).
-* ``weight`` multiplies position :math:`i`'s loss by :math:`w_{y_i}` (the loss of
-  :func:`xlsce.cross_entropy` with ``reduction="none"``), and Keras' reduction then divides by the
-  number of positions (``"sum_over_batch_size"``), as Keras' ``class_weight`` does; PyTorch's weighted
+* ``weight`` weighs each class's term, :math:`-\sum_c w_c q_c \log\operatorname{softmax}(z)_c` (without
+  smoothing: position :math:`i`'s loss times :math:`w_{y_i}`), and Keras' reduction then divides by the
+  number of positions (``"sum_over_batch_size"``), as with Keras' ``class_weight``; PyTorch's weighted
   mean divides by :math:`\sum_i w_{y_i}` instead.
 """
 
