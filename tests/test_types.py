@@ -180,3 +180,37 @@ def test_public_api_fully_typed():
         if not s["isTypeKnown"] or any("docstring" not in d["message"] for d in s["diagnostics"])
     ]
     assert unknown == [], unknown
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="typing.get_overloads is Python 3.11's")
+@pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy"])
+def test_overloads_list_every_keyword(name):
+    """A keyword added to the function must be added to each of its overloads (else a checker refuses it)."""
+    import inspect
+    import typing
+
+    import xlsce
+
+    function = getattr(xlsce, name)
+    overloads = typing.get_overloads(function)
+    assert len(overloads) >= 3  # return_lse False, True, bool
+    want = list(inspect.signature(function).parameters)
+    for overload in overloads:
+        assert list(inspect.signature(overload).parameters) == want
+
+
+def test_keywords_typeddicts_match_the_runtime():
+    """CrossEntropyLoss(**keywords) and linear_value_and_grad(**keywords) are typed by TypedDicts of the
+    keywords that the runtime accepts (xlsce._KEYWORDS; the linear functions' have no axis)."""
+    import xlsce
+    from xlsce import _typing
+
+    assert set(_typing.Keywords.__annotations__) | set(_typing.LinearKeywords.__annotations__) == xlsce._KEYWORDS
+    assert set(_typing.LinearKeywords.__annotations__) == xlsce._KEYWORDS - {"axis"}
+
+
+def test_annotations_import_nothing():
+    code = "import sys, xlsce; print(sorted(m for m in ('xlsce._typing', 'typing_extensions') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
