@@ -17,7 +17,9 @@ The modules, in the direction of their imports (no cycles; ``tests/test_backends
     xlsce/_math.py           the loss and its analytic gradient, once, against the array API
     xlsce/_linear.py         the chunked linear + cross-entropy, once
     xlsce/_types.py          the static configuration and the residuals
+    xlsce/_typing.py         the annotations' names (imported only by type checkers)
     xlsce/torch.py           the torch.nn.Module
+    xlsce/keras.py           the keras.losses.Loss subclasses
 """
 
 from __future__ import annotations
