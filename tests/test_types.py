@@ -214,3 +214,17 @@ def test_annotations_import_nothing():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_py_typed_ships():
+    """PEP 561: the marker is there and is package data, so wheels carry it (and checkers trust the annotations)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    assert (ROOT / "xlsce" / "py.typed").is_file()
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "py.typed" in meta["tool"]["setuptools"]["package-data"]["xlsce"]
+    assert {"pyright", "mypy"} <= {
+        r.split(">")[0].split("=")[0] for r in meta["project"]["optional-dependencies"]["test"]
+    }
