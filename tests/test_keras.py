@@ -253,6 +253,17 @@ def _checks(backend):  # pragma: no cover - runs in the subprocess
             done.append(f"refuses {word}")
         else:
             raise AssertionError(f"accepted a bad {word}")
+    real_backend = keras.backend.backend
+    keras.backend.backend = lambda: "tensorflow"  # whose tensors xlsce does not compute on
+    try:
+        xk.SparseCrossEntropy()
+    except RuntimeError as error:
+        assert "KERAS_BACKEND" in str(error) and "tensorflow" in str(error), error
+        done.append("refuses the tensorflow backend")
+    else:
+        raise AssertionError("accepted the tensorflow backend")
+    finally:
+        keras.backend.backend = real_backend
     try:
         xk.CrossEntropy(from_logits=True)(labels, logits)
     except ValueError as error:
