@@ -12,6 +12,7 @@ render offline: the built pages load no script or stylesheet from the network (t
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -21,6 +22,9 @@ sys.path.insert(0, str(HERE.parent))  # the xlsce package of this checkout
 sys.path.insert(0, str(HERE))  # margin_figure.py
 
 import xlsce  # noqa: E402
+
+# xlsce.keras imports keras, which fixes its backend then; the API reference needs only its docstrings
+os.environ.setdefault("KERAS_BACKEND", "numpy")
 
 project = "xlsce"
 author = "the xlsce developers"

@@ -110,6 +110,7 @@ def test_frameworks_only_in_their_backend_files():
         "torch": {"xlsce.backends.torch", "xlsce.torch"},
         "jax": {"xlsce.backends.jax"},
         "dask": {"xlsce.backends.dask"},
+        "keras": {"xlsce.keras"},
     }
     for module, (_, every) in _graph().items():
         for imported in every:

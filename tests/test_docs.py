@@ -42,7 +42,7 @@ def test_pages_have_examples():
     per_page = {p.name: 0 for p in PAGES}
     for block in BLOCKS:
         per_page[block.values[0].name] += 1
-    assert per_page["getting-started.md"] == 3  # NumPy, JAX, PyTorch
+    assert per_page["getting-started.md"] == 4  # NumPy, JAX, PyTorch, Keras
     assert per_page["what-it-computes.md"] >= 8
     assert per_page["migrating.md"] >= 6  # PyTorch (2), optax, Keras, fairseq, Megatron
     assert per_page["large-vocabularies.md"] == 2

@@ -18,14 +18,24 @@ The modules, in the direction of their imports (no cycles; ``tests/test_backends
     xlsce/_math.py           the loss and its analytic gradient, once, against the array API
     xlsce/_linear.py         the chunked linear + cross-entropy, once
     xlsce/_types.py          the static configuration and the residuals
+    xlsce/_typing.py         the annotations' names (imported only by type checkers)
     xlsce/torch.py           the torch.nn.Module
+    xlsce/keras.py           the keras.losses.Loss subclasses
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, overload
 
 from . import _checks, _math
+
+if TYPE_CHECKING:  # the annotations' names: nothing is imported at runtime
+    from typing import Any, Literal
+
+    from typing_extensions import Unpack
+
+    from ._typing import Array, ArrayT, CallKeywords, Keywords, LinearCallKeywords, LinearKeywords, Reduction, Smoothing
 
 __all__ = [
     "cross_entropy",
@@ -38,23 +48,40 @@ __all__ = [
 __version__ = "0.1.0"
 
 
+# The overloads tell a checker what comes back: the loss in the logits' array type, and a tuple when
+# more is asked for (return_lse).  The other keywords are those of a TypedDict (xlsce/_typing.py), so
+# that a keyword added to the function is added once there (tests/test_types.py checks both agree).
+@overload
 def cross_entropy(
-    logits,
-    target,
+    logits: ArrayT, target: Array, /, *, return_lse: Literal[False] = ..., **keywords: Unpack[CallKeywords]
+) -> ArrayT: ...
+@overload
+def cross_entropy(
+    logits: ArrayT, target: Array, /, *, return_lse: Literal[True], **keywords: Unpack[CallKeywords]
+) -> tuple[ArrayT, ArrayT]: ...
+@overload
+def cross_entropy(
+    logits: ArrayT, target: Array, /, *, return_lse: bool, **keywords: Unpack[CallKeywords]
+) -> ArrayT | tuple[ArrayT, ArrayT]: ...
+
+
+def cross_entropy(
+    logits: ArrayT,
+    target: Array,
     /,
     *,
-    label_smoothing=0.0,
-    smoothing="uniform",
-    weight=None,
-    ignore_index=-100,
-    where=None,
-    reduction="mean",
-    axis=-1,
-    z_loss=0.0,
-    softcap=None,
-    return_lse=False,
-    denominator=None,
-):
+    label_smoothing: float = 0.0,
+    smoothing: Smoothing = "uniform",
+    weight: Array | None = None,
+    ignore_index: int | None = -100,
+    where: Array | None = None,
+    reduction: Reduction = "mean",
+    axis: int = -1,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    denominator: Array | float | None = None,
+) -> ArrayT | tuple[ArrayT, ArrayT]:
     r"""Softmax cross-entropy with label smoothing, class weights and masking.
 
     For one position with logits :math:`z \in \mathbb{R}^K` (along ``axis``),
@@ -175,22 +202,22 @@ def cross_entropy(
 
 
 def value_and_grad(
-    logits,
-    target,
+    logits: ArrayT,
+    target: Array,
     /,
     *,
-    cotangent=None,
-    label_smoothing=0.0,
-    smoothing="uniform",
-    weight=None,
-    ignore_index=-100,
-    where=None,
-    reduction="mean",
-    axis=-1,
-    z_loss=0.0,
-    softcap=None,
-    denominator=None,
-):
+    cotangent: Array | float | None = None,
+    label_smoothing: float = 0.0,
+    smoothing: Smoothing = "uniform",
+    weight: Array | None = None,
+    ignore_index: int | None = -100,
+    where: Array | None = None,
+    reduction: Reduction = "mean",
+    axis: int = -1,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    denominator: Array | float | None = None,
+) -> tuple[ArrayT, ArrayT]:
     r"""The loss of :func:`cross_entropy` and its gradient with respect to the logits.
 
     The gradient comes from the analytic backward, in the inputs' own library,
@@ -254,25 +281,57 @@ def value_and_grad(
     return _over(ops, loss, d), grad
 
 
+@overload
 def linear_cross_entropy(
-    hidden,
-    classifier,
-    target,
+    hidden: ArrayT,
+    classifier: Array,
+    target: Array,
     /,
     *,
-    bias=None,
-    chunk_size=None,
-    label_smoothing=0.0,
-    smoothing="uniform",
-    weight=None,
-    ignore_index=-100,
-    where=None,
-    reduction="mean",
-    z_loss=0.0,
-    softcap=None,
-    return_lse=False,
-    denominator=None,
-):
+    return_lse: Literal[False] = ...,
+    **keywords: Unpack[LinearCallKeywords],
+) -> ArrayT: ...
+@overload
+def linear_cross_entropy(
+    hidden: ArrayT,
+    classifier: Array,
+    target: Array,
+    /,
+    *,
+    return_lse: Literal[True],
+    **keywords: Unpack[LinearCallKeywords],
+) -> tuple[ArrayT, ArrayT]: ...
+@overload
+def linear_cross_entropy(
+    hidden: ArrayT,
+    classifier: Array,
+    target: Array,
+    /,
+    *,
+    return_lse: bool,
+    **keywords: Unpack[LinearCallKeywords],
+) -> ArrayT | tuple[ArrayT, ArrayT]: ...
+
+
+def linear_cross_entropy(
+    hidden: ArrayT,
+    classifier: Array,
+    target: Array,
+    /,
+    *,
+    bias: Array | None = None,
+    chunk_size: int | None = None,
+    label_smoothing: float = 0.0,
+    smoothing: Smoothing = "uniform",
+    weight: Array | None = None,
+    ignore_index: int | None = -100,
+    where: Array | None = None,
+    reduction: Reduction = "mean",
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    denominator: Array | float | None = None,
+) -> ArrayT | tuple[ArrayT, ArrayT]:
     r"""Cross-entropy of a linear classifier, without ever building the full logits.
 
     The value and gradients are those of
@@ -363,8 +422,17 @@ def linear_cross_entropy(
 
 
 def linear_value_and_grad(
-    hidden, classifier, target, /, *, cotangent=None, bias=None, chunk_size=None, denominator=None, **keywords
-):
+    hidden: ArrayT,
+    classifier: Array,
+    target: Array,
+    /,
+    *,
+    cotangent: Array | float | None = None,
+    bias: Array | None = None,
+    chunk_size: int | None = None,
+    denominator: Array | float | None = None,
+    **keywords: Unpack[LinearKeywords],
+) -> tuple[ArrayT, tuple[ArrayT, ArrayT, ArrayT | None]]:
     r"""The loss of :func:`linear_cross_entropy` and its gradients, on any array library.
 
     Returns ``(loss, (dhidden, dclassifier, dbias))``, the vector-Jacobian product
@@ -409,7 +477,15 @@ def linear_value_and_grad(
     return (loss if d is None else _over(ops, loss, d)), grads
 
 
-def mean_denominator(target, /, *, weight=None, ignore_index=-100, where=None, axis=-1):
+def mean_denominator(
+    target: Array,
+    /,
+    *,
+    weight: Array | None = None,
+    ignore_index: int | None = -100,
+    where: Array | None = None,
+    axis: int = -1,
+) -> Array:
     r"""The denominator of ``reduction="mean"`` for these targets: the count that a rank all-reduces
     to get the global mean under data parallelism.
 
@@ -472,21 +548,31 @@ class CrossEntropyLoss:
       (``optax/losses/_classification.py``).
     """
 
-    def __init__(self, **keywords):
+    keywords: dict[str, Any]
+
+    def __init__(self, **keywords: Unpack[Keywords]) -> None:
         unknown = set(keywords) - _KEYWORDS
         if unknown:
             raise TypeError(f"unknown keywords {sorted(unknown)}; expected some of {sorted(_KEYWORDS)}")
-        self.keywords = keywords
+        self.keywords = dict(keywords)
 
-    def __call__(self, logits, target, /, *, denominator=None):
+    def __call__(self, logits: ArrayT, target: Array, /, *, denominator: Array | float | None = None) -> ArrayT:
         """The loss; ``denominator``: the global mean's denominator (see :func:`cross_entropy`)."""
         return cross_entropy(logits, target, denominator=denominator, **self.keywords)
 
-    def value_and_grad(self, logits, target, /, *, cotangent=None, denominator=None):
+    def value_and_grad(
+        self,
+        logits: ArrayT,
+        target: Array,
+        /,
+        *,
+        cotangent: Array | float | None = None,
+        denominator: Array | float | None = None,
+    ) -> tuple[ArrayT, ArrayT]:
         """:func:`value_and_grad` with this loss's keywords."""
         return value_and_grad(logits, target, cotangent=cotangent, denominator=denominator, **self.keywords)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.keywords.items())
         return f"xlsce.CrossEntropyLoss({args})"
 
@@ -504,15 +590,10 @@ _KEYWORDS = {
 }
 
 
-def _over(ops, out, d):
-    """The reduced loss (first of a tuple) divided by the explicit ``denominator=``."""
-    if isinstance(out, tuple):
-        return (_math.divide(ops, out[0], d), *out[1:])
-    return _math.divide(ops, out, d)
+if not TYPE_CHECKING:  # a checker sees no catch-all attribute, so that it flags a misspelt name
 
-
-def __getattr__(name):
-    # `xlsce.torch` is imported on first use, so `import xlsce` never imports torch.
-    if name == "torch":
-        return importlib.import_module(".torch", __name__)
-    raise AttributeError(f"module 'xlsce' has no attribute {name!r}")
+    def __getattr__(name):
+        # `xlsce.torch` and `xlsce.keras` are imported on first use, so `import xlsce` imports neither.
+        if name in ("torch", "keras"):
+            return importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module 'xlsce' has no attribute {name!r}")

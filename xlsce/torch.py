@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 try:
     import torch
 except ModuleNotFoundError as error:
@@ -12,6 +14,9 @@ except ModuleNotFoundError as error:
     ) from error
 
 from . import cross_entropy
+
+if TYPE_CHECKING:
+    from ._typing import Reduction, Smoothing
 
 __all__ = ["CrossEntropyLoss"]
 
@@ -60,29 +65,32 @@ class CrossEntropyLoss(torch.nn.Module):
 
     def __init__(
         self,
-        weight=None,
-        size_average=None,
-        ignore_index=-100,
-        reduce=None,
-        reduction="mean",
-        label_smoothing=0.0,
+        weight: torch.Tensor | None = None,
+        size_average: None = None,
+        ignore_index: int = -100,
+        reduce: None = None,
+        reduction: Reduction = "mean",
+        label_smoothing: float = 0.0,
         *,
-        smoothing="uniform",
-        z_loss=0.0,
-        softcap=None,
-    ):
+        smoothing: Smoothing = "uniform",
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+    ) -> None:
         super().__init__()
         if size_average is not None or reduce is not None:
             raise ValueError("size_average and reduce are deprecated in PyTorch and not supported; use reduction=")
         self.register_buffer("weight", weight)
+        self.weight: torch.Tensor | None  # a buffer (for checkers: a Module's attributes may be Modules)
         self.ignore_index = ignore_index
-        self.reduction = reduction
+        self.reduction: Reduction = reduction
         self.label_smoothing = label_smoothing
-        self.smoothing = smoothing
+        self.smoothing: Smoothing = smoothing
         self.z_loss = z_loss
         self.softcap = softcap
 
-    def forward(self, input, target, *, denominator=None):
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, *, denominator: torch.Tensor | float | None = None
+    ) -> torch.Tensor:
         return cross_entropy(
             input,
             target,
@@ -97,7 +105,7 @@ class CrossEntropyLoss(torch.nn.Module):
             axis=1 if input.ndim > 1 else 0,
         )
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
             f"label_smoothing={self.label_smoothing}, smoothing={self.smoothing!r}"
