@@ -190,7 +190,6 @@ def test_overloads_list_every_keyword(name):
     import typing
 
     import xlsce
-
     from xlsce import _typing
 
     function = getattr(xlsce, name)

@@ -590,6 +590,13 @@ _KEYWORDS = {
 }
 
 
+def _over(ops, out, d):
+    """The reduced loss (first of a tuple) divided by the explicit ``denominator=``."""
+    if isinstance(out, tuple):
+        return (_math.divide(ops, out[0], d), *out[1:])
+    return _math.divide(ops, out, d)
+
+
 if not TYPE_CHECKING:  # a checker sees no catch-all attribute, so that it flags a misspelt name
 
     def __getattr__(name):
