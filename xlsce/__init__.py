@@ -139,6 +139,7 @@ def cross_entropy(
       Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss);
       Gemma Team, `Gemma 2 <https://arxiv.org/abs/2408.00118>`_, 2024 (soft-capping).
     """
+    target, weight, where = _checks.same_library(logits, target, weight, where)  # NumPy beside JAX/torch
     ops, cfg = _checks.validate(
         logits,
         target,
@@ -208,6 +209,7 @@ def value_and_grad(
       section 6.2.2.3 (the softmax cross-entropy gradient); PyTorch's
       ``nll_loss``/``log_softmax`` backward in ``aten/src/ATen/native/LossNLL.cpp``.
     """
+    target, weight, where = _checks.same_library(logits, target, weight, where)  # NumPy beside JAX/torch
     ops, cfg = _checks.validate(
         logits,
         target,
@@ -311,6 +313,7 @@ def linear_cross_entropy(
       Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
       <https://arxiv.org/abs/2411.09009>`_, 2024 (Cut Cross-Entropy).
     """
+    target, weight, where = _checks.same_library(hidden, target, weight, where)  # NumPy beside JAX/torch
     ops, cfg, chunk = _checks.validate_linear(
         hidden,
         classifier,
@@ -352,6 +355,7 @@ def linear_value_and_grad(hidden, classifier, target, /, *, cotangent=None, bias
     weight, where = keywords.pop("weight", None), keywords.pop("where", None)
     settings = {"label_smoothing": 0.0, "smoothing": "uniform", "ignore_index": -100, "reduction": "mean"}
     settings.update(keywords)
+    target, weight, where = _checks.same_library(hidden, target, weight, where)
     ops, cfg, chunk = _checks.validate_linear(
         hidden, classifier, bias, target, weight, where, chunk_size=chunk_size, **settings
     )
@@ -403,6 +407,27 @@ class CrossEntropyLoss:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.keywords.items())
         return f"xlsce.CrossEntropyLoss({args})"
+
+    def _key(self):
+        """The keywords by value; an array (weight, where) by identity, as it cannot be hashed."""
+        return frozenset((k, v if _hashable(v) else ("id", id(v))) for k, v in self.keywords.items())
+
+    def __eq__(self, other):
+        # by value, so that an equal configuration passed as a static argument (jax.jit) does not retrace
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+
+def _hashable(v):
+    try:
+        hash(v)
+    except TypeError:
+        return False
+    return True
 
 
 _KEYWORDS = {

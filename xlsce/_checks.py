@@ -52,6 +52,26 @@ def _is_array(x):
     return True
 
 
+def same_library(first, *others):
+    """``others`` with NumPy arrays (and Python numbers) taken into ``first``'s library, on its device.
+
+    A NumPy target, weight or mask beside JAX or PyTorch logits is accepted, as optax and torch do
+    (and ``jax.test_util.check_grads`` perturbs with NumPy).  Only these are converted, never ``first``
+    (the logits, or ``hidden``), and never an array of a third library: that stays a TypeError."""
+    kind = type(first)
+    if all(o is None or type(o) is kind for o in others):
+        return others
+    numpy_first = kind.__module__ == "numpy"
+    foreign = [
+        o is not None and (type(o) in (bool, int, float) or (type(o).__module__ == "numpy" and not numpy_first))
+        for o in others
+    ]
+    if not any(foreign) or not _is_array(first):
+        return others
+    ops = backends.backend(first)
+    return tuple(ops.asarray_like(o, first) if f else o for o, f in zip(others, foreign, strict=True))
+
+
 _CHECKED = {}  # the settings already checked (with their types: True == 1), -> (eps, z_loss, softcap)
 
 

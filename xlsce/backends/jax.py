@@ -33,6 +33,9 @@ class Jax(Generic):
         ints = {np.dtype(f"{u}int{b}") for u in ("", "u") for b in (8, 16, 32, 64)}
         return floats, ints, np.dtype(np.float32), np.dtype(np.float64)
 
+    def asarray_like(self, x, like):
+        return jnp.asarray(x)  # a constant under tracing; a tracer has no device to ask
+
     def require(self, ok, message):
         # values are read only where they live on the host (never a device synchronisation)
         if not self.traced and all(d.platform == "cpu" for d in ok.devices()) and not bool(ok):
