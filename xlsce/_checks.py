@@ -80,6 +80,8 @@ def _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_ind
 
     A small call spends most of its time in Python, so a combination of settings is checked once and
     remembered (settings that cannot be hashed, e.g. a traced array, are checked and refused each time)."""
+    if hasattr(label_smoothing, "shape") or hasattr(z_loss, "shape"):  # an array: checked each call
+        return _check_settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, classes)
     key = (label_smoothing, type(label_smoothing), smoothing, reduction, z_loss, type(z_loss), softcap)
     key += (type(softcap), ignore_index, type(ignore_index), k == 1)
     try:
@@ -95,13 +97,43 @@ def _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_ind
     return checked
 
 
+def _setting(name, value, *, low, high=None):
+    """A Python float, or a 0-d floating array: read where its value is on the host (then a float, the
+    fast path), else kept as an array whose range cannot be checked (traced: a smoothing schedule)."""
+    if not hasattr(value, "shape"):
+        return _number(name, value, low=low, high=high)
+    if tuple(value.shape) != () or not _is_array(value):
+        raise TypeError(f"{name} must be a Python float or a 0-d array, got shape {tuple(value.shape)}")
+    ops = backends.backend(value)
+    if value.dtype not in ops.floats:
+        raise TypeError(f"{name} must be a Python float or a 0-d floating array, got dtype {value.dtype}")
+    if ops.readable and "cpu" in str(ops.device(value)).lower():
+        return _number(name, float(value), low=low, high=high)
+    return value
+
+
+def _array_settings(ops, x, eps, z_loss):
+    """Settings given as (unread) arrays: of the logits' library, in their compute dtype."""
+    out = []
+    for name, v in (("label_smoothing", eps), ("z_loss", z_loss)):
+        if type(v) is not float:
+            try:
+                backends.backend(x, v)
+            except TypeError:
+                raise TypeError(f"{name} must be a Python float or a 0-d array of the logits' library") from None
+            dt = ops.compute[x.dtype]
+            v = v if v.dtype == dt else ops.xp.astype(v, dt)
+        out.append(v)
+    return out
+
+
 def _check_settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, classes):
-    eps = _number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    eps = _setting("label_smoothing", label_smoothing, low=0.0, high=1.0)
     if smoothing not in SMOOTHINGS:
         raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    z_loss = _number("z_loss", z_loss, low=0.0)
+    z_loss = _setting("z_loss", z_loss, low=0.0)
     if softcap is not None:
         softcap = _number("softcap", softcap, low=0.0)
         if softcap == 0 or softcap == float("inf"):
@@ -167,6 +199,8 @@ def validate(
     positions = tuple(logits.shape[:axis]) + tuple(logits.shape[axis + 1 :])
 
     eps, z_loss, softcap = _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "K")
+    if type(eps) is not float or type(z_loss) is not float:
+        eps, z_loss = _array_settings(ops, logits, eps, z_loss)
 
     if target.dtype in ops.ints:
         soft = False
@@ -342,6 +376,8 @@ def validate_linear(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
     eps, z_loss, softcap = _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "V")
+    if type(eps) is not float or type(z_loss) is not float:
+        eps, z_loss = _array_settings(ops, hidden, eps, z_loss)
 
     _check_weight_where(ops, weight, where, k, positions)
 
