@@ -103,7 +103,10 @@ def cross_entropy(
       where: optional boolean array of the positions' shape; False positions are
         ignored (the jit-friendly mask).
       reduction: ``"none"``, ``"sum"`` or ``"mean"``.
-      axis: the class axis (PyTorch's layout is ``axis=1``).
+      axis: the class axis (PyTorch's layout is ``axis=1``), or a tuple of axes, as optax's: they
+        are moved last (in the order given) and flattened into one class axis of their product;
+        a class index is then the flat index into ``logits.shape[axis]`` (``ravel_multi_index``),
+        ``weight`` has that product's length, and probability targets have the logits' shape.
       z_loss: :math:`\zeta \ge 0`, weight of the :math:`\mathrm{lse}^2` term (PaLM).
       softcap: optional :math:`s > 0`: logits are first mapped to
         :math:`s \tanh(z/s)` (Gemma 2).
@@ -139,6 +142,8 @@ def cross_entropy(
       Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss);
       Gemma Team, `Gemma 2 <https://arxiv.org/abs/2408.00118>`_, 2024 (soft-capping).
     """
+    if type(axis) is tuple:  # several class axes (optax): moved last and flattened
+        logits, target, axis, _ = _checks.flat_classes(logits, target, axis)
     target, weight, where = _checks.same_library(logits, target, weight, where)  # NumPy beside JAX/torch
     ops, cfg = _checks.validate(
         logits,
@@ -209,6 +214,9 @@ def value_and_grad(
       section 6.2.2.3 (the softmax cross-entropy gradient); PyTorch's
       ``nll_loss``/``log_softmax`` backward in ``aten/src/ATen/native/LossNLL.cpp``.
     """
+    restore = None
+    if type(axis) is tuple:  # several class axes: the gradient comes back in the logits' layout
+        logits, target, axis, restore = _checks.flat_classes(logits, target, axis)
     target, weight, where = _checks.same_library(logits, target, weight, where)  # NumPy beside JAX/torch
     ops, cfg = _checks.validate(
         logits,
@@ -228,7 +236,8 @@ def value_and_grad(
             s for i, s in enumerate(logits.shape) if i != cfg.axis
         ):
             raise ValueError("cotangent must have the shape of the per-position loss for reduction='none'")
-    return ops.value_and_grad(cfg, logits, target, weight, where, cotangent)
+    out, grad = ops.value_and_grad(cfg, logits, target, weight, where, cotangent)
+    return out, (grad if restore is None else restore(grad))
 
 
 def linear_cross_entropy(

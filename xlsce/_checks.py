@@ -72,6 +72,38 @@ def same_library(first, *others):
     return tuple(ops.asarray_like(o, first) if f else o for o, f in zip(others, foreign, strict=True))
 
 
+def flat_classes(logits, target, axis):
+    """A tuple of class axes, as optax's: ``(logits, target, -1, restore)`` with those axes moved last,
+    in the order given, and flattened into one class axis of their product (a class index is then the
+    flat index into ``logits.shape[axis]``, as ``ravel_multi_index`` gives; probability targets, of the
+    logits' shape, move alike).  The positions keep the other axes in their order.  ``restore`` maps an
+    array of the flattened logits' shape (a gradient) back to the logits' layout."""
+    if not _is_array(logits) or logits.ndim < 1:
+        return logits, target, axis, None  # validate() reports it
+    ndim = logits.ndim
+    if not axis or not all(_is_int(a) and -ndim <= a < ndim for a in axis) or len({a % ndim for a in axis}) < len(axis):
+        raise ValueError(
+            f"axis must be an int or a non-empty tuple of distinct ints in [{-ndim}, {ndim}) for logits of shape "
+            f"{tuple(logits.shape)}, got {axis!r}"
+        )
+    axes = tuple(int(a) % ndim for a in axis)
+    xp = backends.backend(logits).xp
+    batch = tuple(i for i in range(ndim) if i not in axes)
+    perm, shape = batch + axes, tuple(logits.shape[i] for i in batch + axes)
+    flat = shape[: len(batch)] + (math.prod(shape[len(batch) :]),)
+
+    def move(x):
+        return xp.reshape(x if perm == tuple(range(ndim)) else xp.permute_dims(x, perm), flat)
+
+    def restore(g):
+        g = xp.reshape(g, shape)
+        return g if perm == tuple(range(ndim)) else xp.permute_dims(g, tuple(perm.index(i) for i in range(ndim)))
+
+    if target is not None and hasattr(target, "shape") and tuple(target.shape) == tuple(logits.shape):
+        target = move(target)  # probabilities
+    return move(logits), target, -1, restore
+
+
 _CHECKED = {}  # the settings already checked (with their types: True == 1), -> (eps, z_loss, softcap)
 
 
