@@ -127,6 +127,20 @@ def test_array_settings_validation(backend):
         xlsce.cross_entropy(X, T, label_smoothing=backend.asarray(np.array(0)))
 
 
+def test_torch_tensor_settings():
+    """On torch a 0-d tensor setting works eagerly and under torch.compile; one that requires grad is refused."""
+    torch = pytest.importorskip("torch")
+    x, t, _ = _problem()
+    X, T = torch.from_numpy(x), torch.from_numpy(t)
+    f = torch.compile(lambda z, e: xlsce.cross_entropy(z, T, label_smoothing=e), fullgraph=True, backend="eager")
+    for eps in (torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.3)):
+        ref = torch.nn.functional.cross_entropy(X, T, label_smoothing=float(eps))
+        xp_assert_close(xlsce.cross_entropy(X, T, label_smoothing=eps), ref)
+        xp_assert_close(f(X, eps), ref)
+    with pytest.raises(TypeError, match="label_smoothing must not require grad"):
+        xlsce.cross_entropy(X, T, label_smoothing=torch.tensor(0.3, requires_grad=True))
+
+
 def test_traced_setting_of_another_library():
     torch = pytest.importorskip("torch")
     x, t, _ = _problem()

@@ -84,7 +84,10 @@ def cross_entropy(
     at most 2**16 elements keep their gradient from the forward pass instead: fewer operations).
     Second derivatives: on JAX (``jax.hessian``, grad of grad, Hessian-vector products) the
     analytic backward is differentiated together with the forward's residuals (the log-sum-exp),
-    which gives the loss's Hessian.  On PyTorch that backward gives first derivatives only:
+    which gives the loss's Hessian.  Forward mode works on JAX too (``jax.jvp``, ``jax.jacfwd``,
+    ``jax.test_util.check_grads`` in both modes): the derivative is a ``custom_jvp`` whose tangent
+    is linear, and reverse mode transposes it, recomputing the gradient from the logits and the
+    O(N) residuals (no (N, K) residual is kept).  On PyTorch that backward gives first derivatives only:
     differentiating the gradient (``create_graph=True``, then grad again) raises a RuntimeError
     that says so, rather than returning a wrong Hessian.
 
@@ -95,7 +98,11 @@ def cross_entropy(
         no smoothing mass and no gradient.
       target: integer class indices with the logits' shape without ``axis``, or
         floating class probabilities with the logits' shape.
-      label_smoothing: :math:`\varepsilon \in [0, 1]`, a Python float.
+      label_smoothing: :math:`\varepsilon \in [0, 1]`, a Python float or a 0-d floating array
+        of the logits' library (e.g. traced under ``jax.jit``: a smoothing schedule without
+        retracing).  An array is read, and its range checked, where its value is on the host;
+        elsewhere (traced, on a GPU) it is used unchecked.  On JAX the loss is differentiable
+        with respect to it (``jax.grad``, ``jax.jvp``); on PyTorch it must not require grad.
       smoothing: ``"uniform"`` or ``"exclusive"`` (needs at least 2 classes).
       weight: optional array of shape ``(K,)``, a weight per class.
       ignore_index: class index whose positions are ignored (index targets only;
@@ -107,7 +114,8 @@ def cross_entropy(
         are moved last (in the order given) and flattened into one class axis of their product;
         a class index is then the flat index into ``logits.shape[axis]`` (``ravel_multi_index``),
         ``weight`` has that product's length, and probability targets have the logits' shape.
-      z_loss: :math:`\zeta \ge 0`, weight of the :math:`\mathrm{lse}^2` term (PaLM).
+      z_loss: :math:`\zeta \ge 0`, weight of the :math:`\mathrm{lse}^2` term (PaLM); a float or
+        a 0-d array, as ``label_smoothing``.
       softcap: optional :math:`s > 0`: logits are first mapped to
         :math:`s \tanh(z/s)` (Gemma 2).
       return_lse: also return the per-position log-sum-exp :math:`\mathrm{lse}_i`

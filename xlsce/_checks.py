@@ -139,6 +139,8 @@ def _setting(name, value, *, low, high=None):
     ops = backends.backend(value)
     if value.dtype not in ops.floats:
         raise TypeError(f"{name} must be a Python float or a 0-d floating array, got dtype {value.dtype}")
+    if getattr(value, "requires_grad", False):  # torch: its gradient would be silently lost
+        raise TypeError(f"{name} must not require grad: xlsce gives a gradient for it on JAX only")
     if ops.readable and "cpu" in str(ops.device(value)).lower():
         return _number(name, float(value), low=low, high=high)
     return value
