@@ -215,7 +215,13 @@ def validate(
                     f"{name} must be an array of an array-API library, got {type(value).__name__}"
                 ) from None
         libs = {name: type(v).__module__.split(".")[0] for name, v in named if v is not None}
-        raise TypeError(f"logits, target, weight and where must come from one array library, got {libs}") from e
+        hint = ""
+        if libs["logits"] == "numpy":
+            hint = (
+                " (NumPy arrays are taken into the logits' library, never the logits into another's;"
+                " jax.test_util.check_grads evaluates at NumPy logits: give it NumPy targets)"
+            )
+        raise TypeError(f"logits, target, weight and where must come from one array library, got {libs}{hint}") from e
 
     if logits.dtype not in ops.floats:
         raise TypeError(f"logits must have a real floating dtype, got {logits.dtype}")
