@@ -84,6 +84,10 @@ def test_gradient_wrt_label_smoothing_and_z_loss(smoothing):
     xp_assert_close(dz, (f(0.2, 0.01 + h) - f(0.2, 0.01 - h)) / (2 * h), rtol=1e-8)
     # and the values equal those of Python floats
     xp_assert_close(jax.jit(f)(0.2, 0.01), f(0.2, 0.01), rtol=1e-14)
+    # logits and target closed over by the jitted function (arrays made outside it: their checks are traced)
+    X, T = jnp.asarray(x), jnp.asarray(t)
+    de2 = jax.jit(jax.grad(lambda e: xlsce.cross_entropy(X, T, label_smoothing=e, smoothing=smoothing, weight=w)))(0.2)
+    xp_assert_close(de2, de, rtol=1e-12)
 
 
 def test_traced_settings_under_vmap_and_linear():

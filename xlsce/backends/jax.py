@@ -38,7 +38,10 @@ class Jax(Generic):
 
     def require(self, ok, message):
         # values are read only where they live on the host (never a device synchronisation)
-        if not self.traced and all(d.platform == "cpu" for d in ok.devices()) and not bool(ok):
+        # (ok is traced also where the logits are not: arrays closed over by a jitted function)
+        if isinstance(ok, jax.core.Tracer) or self.traced:
+            return
+        if all(d.platform == "cpu" for d in ok.devices()) and not bool(ok):
             raise ValueError(message)
 
     def isub_at(self, a, index, v, axis):
@@ -223,12 +226,13 @@ def _loss_jvp(ops, cfg, primals, tangents):
         arrays = tuple(None if r is None or type(r) in (bool, float) else r for r in res)
         linear = jax.checkpoint(functools.partial(_tangent, ops, cfg, static))
         t_out, t_lse = linear(logits, target, weight, arrays, settings, t_logits, t_target)
-    if settings is not None and not all(_zero(t) for t in t_settings):
-        for i, (value, t) in enumerate(zip(settings, t_settings, strict=True)):
-            if value is not None and not _zero(t):
-                at = [lambda v: c._replace(eps=v), lambda v: c._replace(z_loss=v)][i]
-                ends = [_math.forward(ops, at(v), logits, target, weight, where)[0] for v in (1.0, 0.0)]
-                t_out = t_out + (t * (ends[0] - ends[1])).astype(t_out.dtype)
+    if settings is not None:
+        for name, value, t in zip(("eps", "z_loss"), settings, t_settings, strict=True):
+            if value is not None and not _zero(t):  # the loss is affine in it: the slope is loss(1) - loss(0)
+                one, zero = (
+                    _math.forward(ops, c._replace(**{name: v}), logits, target, weight, where)[0] for v in (1.0, 0.0)
+                )
+                t_out = t_out + (t * (one - zero)).astype(t_out.dtype)
     return out, ((t_out, t_lse) if cfg.return_lse else t_out)
 
 
@@ -240,11 +244,16 @@ def _tangent(ops, cfg, static, logits, target, weight, arrays, settings, t_logit
     c = cfg.with_settings(settings)
     dz, dtarget = _math.backward(ops, c, logits, target, weight, res, 1.0, need_target=t_target is not None)
     axes = (cfg.axis,) if cfg.reduction == "none" else None
+    dt = ops.compute[logits.dtype]  # the sums in the compute dtype (half-precision logits: float32)
+
+    def dot(a, b):
+        return jnp.sum(a.astype(dt) * b.astype(dt), axis=axes)
+
     t_out = 0.0
     if t_logits is not None:
-        t_out = jnp.sum(dz * t_logits, axis=axes)
+        t_out = dot(dz, t_logits)
     if t_target is not None:
-        t_out = t_out + jnp.sum(dtarget * t_target, axis=axes)
+        t_out = t_out + dot(dtarget, t_target)
     dtype = logits.dtype
     t_lse = None
     if cfg.return_lse:
