@@ -59,7 +59,8 @@ def same_library(first, *others):
     (and ``jax.test_util.check_grads`` perturbs with NumPy).  Only these are converted, never ``first``
     (the logits, or ``hidden``), and never an array of a third library: that stays a TypeError."""
     kind = type(first)
-    if all(o is None or type(o) is kind for o in others):
+    a, b, c = others  # unrolled: the common case costs a few comparisons
+    if (a is None or type(a) is kind) and (b is None or type(b) is kind) and (c is None or type(c) is kind):
         return others
     numpy_first = kind.__module__ == "numpy"
     foreign = [
