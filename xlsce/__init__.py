@@ -70,14 +70,14 @@ def cross_entropy(
     target: Array,
     /,
     *,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | Array = 0.0,
     smoothing: Smoothing = "uniform",
     weight: Array | None = None,
     ignore_index: int | None = -100,
     where: Array | None = None,
     reduction: Reduction = "mean",
-    axis: int = -1,
-    z_loss: float = 0.0,
+    axis: int | tuple[int, ...] = -1,
+    z_loss: float | Array = 0.0,
     softcap: float | None = None,
     return_lse: bool = False,
     denominator: Array | float | None = None,
@@ -120,7 +120,10 @@ def cross_entropy(
     at most 2**16 elements keep their gradient from the forward pass instead: fewer operations).
     Second derivatives: on JAX (``jax.hessian``, grad of grad, Hessian-vector products) the
     analytic backward is differentiated together with the forward's residuals (the log-sum-exp),
-    which gives the loss's Hessian.  On PyTorch that backward gives first derivatives only:
+    which gives the loss's Hessian.  Forward mode works on JAX too (``jax.jvp``, ``jax.jacfwd``,
+    ``jax.test_util.check_grads`` in both modes): the derivative is a ``custom_jvp`` whose tangent
+    is linear, and reverse mode transposes it, recomputing the gradient from the logits and the
+    O(N) residuals (no (N, K) residual is kept).  On PyTorch that backward gives first derivatives only:
     differentiating the gradient (``create_graph=True``, then grad again) raises a RuntimeError
     that says so, rather than returning a wrong Hessian.
 
@@ -131,7 +134,11 @@ def cross_entropy(
         no smoothing mass and no gradient.
       target: integer class indices with the logits' shape without ``axis``, or
         floating class probabilities with the logits' shape.
-      label_smoothing: :math:`\varepsilon \in [0, 1]`, a Python float.
+      label_smoothing: :math:`\varepsilon \in [0, 1]`, a Python float or a 0-d floating array
+        of the logits' library (e.g. traced under ``jax.jit``: a smoothing schedule without
+        retracing).  An array is read, and its range checked, where its value is on the host;
+        elsewhere (traced, on a GPU) it is used unchecked.  On JAX the loss is differentiable
+        with respect to it (``jax.grad``, ``jax.jvp``); on PyTorch it must not require grad.
       smoothing: ``"uniform"`` or ``"exclusive"`` (needs at least 2 classes).
       weight: optional array of shape ``(K,)``, a weight per class.
       ignore_index: class index whose positions are ignored (index targets only;
@@ -139,8 +146,12 @@ def cross_entropy(
       where: optional boolean array of the positions' shape; False positions are
         ignored (the jit-friendly mask).
       reduction: ``"none"``, ``"sum"`` or ``"mean"``.
-      axis: the class axis (PyTorch's layout is ``axis=1``).
-      z_loss: :math:`\zeta \ge 0`, weight of the :math:`\mathrm{lse}^2` term (PaLM).
+      axis: the class axis (PyTorch's layout is ``axis=1``), or a tuple of axes, as optax's: they
+        are moved last (in the order given) and flattened into one class axis of their product;
+        a class index is then the flat index into ``logits.shape[axis]`` (``ravel_multi_index``),
+        ``weight`` has that product's length, and probability targets have the logits' shape.
+      z_loss: :math:`\zeta \ge 0`, weight of the :math:`\mathrm{lse}^2` term (PaLM); a float or
+        a 0-d array, as ``label_smoothing``.
       softcap: optional :math:`s > 0`: logits are first mapped to
         :math:`s \tanh(z/s)` (Gemma 2).
       return_lse: also return the per-position log-sum-exp :math:`\mathrm{lse}_i`
@@ -181,6 +192,9 @@ def cross_entropy(
       Chowdhery et al., `PaLM <https://arxiv.org/abs/2204.02311>`_, 2022 (z-loss);
       Gemma Team, `Gemma 2 <https://arxiv.org/abs/2408.00118>`_, 2024 (soft-capping).
     """
+    if type(axis) is tuple:  # several class axes (optax): moved last and flattened
+        logits, target, axis, _ = _checks.flat_classes(logits, target, axis)
+    target, weight, where = _checks.same_library(logits, target, weight, where)  # NumPy beside JAX/torch
     ops, cfg = _checks.validate(
         logits,
         target,
@@ -207,14 +221,14 @@ def value_and_grad(
     /,
     *,
     cotangent: Array | float | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | Array = 0.0,
     smoothing: Smoothing = "uniform",
     weight: Array | None = None,
     ignore_index: int | None = -100,
     where: Array | None = None,
     reduction: Reduction = "mean",
-    axis: int = -1,
-    z_loss: float = 0.0,
+    axis: int | tuple[int, ...] = -1,
+    z_loss: float | Array = 0.0,
     softcap: float | None = None,
     denominator: Array | float | None = None,
 ) -> tuple[ArrayT, ArrayT]:
@@ -255,6 +269,10 @@ def value_and_grad(
       section 6.2.2.3 (the softmax cross-entropy gradient); PyTorch's
       ``nll_loss``/``log_softmax`` backward in ``aten/src/ATen/native/LossNLL.cpp``.
     """
+    restore = None
+    if type(axis) is tuple:  # several class axes: the gradient comes back in the logits' layout
+        logits, target, axis, restore = _checks.flat_classes(logits, target, axis)
+    target, weight, where = _checks.same_library(logits, target, weight, where)  # NumPy beside JAX/torch
     ops, cfg = _checks.validate(
         logits,
         target,
@@ -274,11 +292,13 @@ def value_and_grad(
         ):
             raise ValueError("cotangent must have the shape of the per-position loss for reduction='none'")
     if denominator is None:
-        return ops.value_and_grad(cfg, logits, target, weight, where, cotangent)
-    d = _checks.check_denominator(ops, denominator, cfg.reduction)
-    g = _math.divide(ops, 1.0 if cotangent is None else cotangent, d, ops.compute[logits.dtype])
-    loss, grad = ops.value_and_grad(cfg._replace(reduction="sum"), logits, target, weight, where, g)
-    return _over(ops, loss, d), grad
+        out, grad = ops.value_and_grad(cfg, logits, target, weight, where, cotangent)
+    else:
+        d = _checks.check_denominator(ops, denominator, cfg.reduction)
+        g = _math.divide(ops, 1.0 if cotangent is None else cotangent, d, ops.compute[logits.dtype])
+        out, grad = ops.value_and_grad(cfg._replace(reduction="sum"), logits, target, weight, where, g)
+        out = _over(ops, out, d)
+    return out, (grad if restore is None else restore(grad))
 
 
 @overload
@@ -321,13 +341,13 @@ def linear_cross_entropy(
     *,
     bias: Array | None = None,
     chunk_size: int | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | Array = 0.0,
     smoothing: Smoothing = "uniform",
     weight: Array | None = None,
     ignore_index: int | None = -100,
     where: Array | None = None,
     reduction: Reduction = "mean",
-    z_loss: float = 0.0,
+    z_loss: float | Array = 0.0,
     softcap: float | None = None,
     return_lse: bool = False,
     denominator: Array | float | None = None,
@@ -397,6 +417,7 @@ def linear_cross_entropy(
       Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
       <https://arxiv.org/abs/2411.09009>`_, 2024 (Cut Cross-Entropy).
     """
+    target, weight, where = _checks.same_library(hidden, target, weight, where)  # NumPy beside JAX/torch
     ops, cfg, chunk = _checks.validate_linear(
         hidden,
         classifier,
@@ -454,6 +475,7 @@ def linear_value_and_grad(
     weight, where = keywords.pop("weight", None), keywords.pop("where", None)
     settings = {"label_smoothing": 0.0, "smoothing": "uniform", "ignore_index": -100, "reduction": "mean"}
     settings.update(keywords)
+    target, weight, where = _checks.same_library(hidden, target, weight, where)
     ops, cfg, chunk = _checks.validate_linear(
         hidden, classifier, bias, target, weight, where, chunk_size=chunk_size, **settings
     )
@@ -575,6 +597,27 @@ class CrossEntropyLoss:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.keywords.items())
         return f"xlsce.CrossEntropyLoss({args})"
+
+    def _key(self):
+        """The keywords by value; an array (weight, where) by identity, as it cannot be hashed."""
+        return frozenset((k, v if _hashable(v) else ("id", id(v))) for k, v in self.keywords.items())
+
+    def __eq__(self, other):
+        # by value, so that an equal configuration passed as a static argument (jax.jit) does not retrace
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+
+def _hashable(v):
+    try:
+        hash(v)
+    except TypeError:
+        return False
+    return True
 
 
 _KEYWORDS = {

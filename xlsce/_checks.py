@@ -53,6 +53,59 @@ def _is_array(x):
     return True
 
 
+def same_library(first, *others):
+    """``others`` with NumPy arrays (and Python numbers) taken into ``first``'s library, on its device.
+
+    A NumPy target, weight or mask beside JAX or PyTorch logits is accepted, as optax and torch do
+    (and ``jax.test_util.check_grads`` perturbs with NumPy).  Only these are converted, never ``first``
+    (the logits, or ``hidden``), and never an array of a third library: that stays a TypeError."""
+    kind = type(first)
+    a, b, c = others  # unrolled: the common case costs a few comparisons
+    if (a is None or type(a) is kind) and (b is None or type(b) is kind) and (c is None or type(c) is kind):
+        return others
+    numpy_first = kind.__module__ == "numpy"
+    foreign = [
+        o is not None and (type(o) in (bool, int, float) or (type(o).__module__ == "numpy" and not numpy_first))
+        for o in others
+    ]
+    if not any(foreign) or not _is_array(first):
+        return others
+    ops = backends.backend(first)
+    return tuple(ops.asarray_like(o, first) if f else o for o, f in zip(others, foreign, strict=True))
+
+
+def flat_classes(logits, target, axis):
+    """A tuple of class axes, as optax's: ``(logits, target, -1, restore)`` with those axes moved last,
+    in the order given, and flattened into one class axis of their product (a class index is then the
+    flat index into ``logits.shape[axis]``, as ``ravel_multi_index`` gives; probability targets, of the
+    logits' shape, move alike).  The positions keep the other axes in their order.  ``restore`` maps an
+    array of the flattened logits' shape (a gradient) back to the logits' layout."""
+    if not _is_array(logits) or logits.ndim < 1:
+        return logits, target, axis, None  # validate() reports it
+    ndim = logits.ndim
+    if not axis or not all(_is_int(a) and -ndim <= a < ndim for a in axis) or len({a % ndim for a in axis}) < len(axis):
+        raise ValueError(
+            f"axis must be an int or a non-empty tuple of distinct ints in [{-ndim}, {ndim}) for logits of shape "
+            f"{tuple(logits.shape)}, got {axis!r}"
+        )
+    axes = tuple(int(a) % ndim for a in axis)
+    xp = backends.backend(logits).xp
+    batch = tuple(i for i in range(ndim) if i not in axes)
+    perm, shape = batch + axes, tuple(logits.shape[i] for i in batch + axes)
+    flat = shape[: len(batch)] + (math.prod(shape[len(batch) :]),)
+
+    def move(x):
+        return xp.reshape(x if perm == tuple(range(ndim)) else xp.permute_dims(x, perm), flat)
+
+    def restore(g):
+        g = xp.reshape(g, shape)
+        return g if perm == tuple(range(ndim)) else xp.permute_dims(g, tuple(perm.index(i) for i in range(ndim)))
+
+    if target is not None and hasattr(target, "shape") and tuple(target.shape) == tuple(logits.shape):
+        target = move(target)  # probabilities
+    return move(logits), target, -1, restore
+
+
 _CHECKED = {}  # the settings already checked (with their types: True == 1), -> (eps, z_loss, softcap)
 
 
@@ -61,6 +114,8 @@ def _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_ind
 
     A small call spends most of its time in Python, so a combination of settings is checked once and
     remembered (settings that cannot be hashed, e.g. a traced array, are checked and refused each time)."""
+    if hasattr(label_smoothing, "shape") or hasattr(z_loss, "shape"):  # an array: checked each call
+        return _check_settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, classes)
     key = (label_smoothing, type(label_smoothing), smoothing, reduction, z_loss, type(z_loss), softcap)
     key += (type(softcap), ignore_index, type(ignore_index), k == 1)
     try:
@@ -76,13 +131,45 @@ def _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_ind
     return checked
 
 
+def _setting(name, value, *, low, high=None):
+    """A Python float, or a 0-d floating array: read where its value is on the host (then a float, the
+    fast path), else kept as an array whose range cannot be checked (traced: a smoothing schedule)."""
+    if not hasattr(value, "shape"):
+        return _number(name, value, low=low, high=high)
+    if tuple(value.shape) != () or not _is_array(value):
+        raise TypeError(f"{name} must be a Python float or a 0-d array, got shape {tuple(value.shape)}")
+    ops = backends.backend(value)
+    if value.dtype not in ops.floats:
+        raise TypeError(f"{name} must be a Python float or a 0-d floating array, got dtype {value.dtype}")
+    if getattr(value, "requires_grad", False):  # torch: its gradient would be silently lost
+        raise TypeError(f"{name} must not require grad: xlsce gives a gradient for it on JAX only")
+    if ops.readable and "cpu" in str(ops.device(value)).lower():
+        return _number(name, float(value), low=low, high=high)
+    return value
+
+
+def _array_settings(ops, x, eps, z_loss):
+    """Settings given as (unread) arrays: of the logits' library, in their compute dtype."""
+    out = []
+    for name, v in (("label_smoothing", eps), ("z_loss", z_loss)):
+        if type(v) is not float:
+            try:
+                backends.backend(x, v)
+            except TypeError:
+                raise TypeError(f"{name} must be a Python float or a 0-d array of the logits' library") from None
+            dt = ops.compute[x.dtype]
+            v = v if v.dtype == dt else ops.xp.astype(v, dt)
+        out.append(v)
+    return out
+
+
 def _check_settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, classes):
-    eps = _number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    eps = _setting("label_smoothing", label_smoothing, low=0.0, high=1.0)
     if smoothing not in SMOOTHINGS:
         raise ValueError(f"smoothing must be one of {SMOOTHINGS}, got {smoothing!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    z_loss = _number("z_loss", z_loss, low=0.0)
+    z_loss = _setting("z_loss", z_loss, low=0.0)
     if softcap is not None:
         softcap = _number("softcap", softcap, low=0.0)
         if softcap == 0 or softcap == float("inf"):
@@ -130,7 +217,13 @@ def validate(
                     f"{name} must be an array of an array-API library, got {type(value).__name__}"
                 ) from None
         libs = {name: type(v).__module__.split(".")[0] for name, v in named if v is not None}
-        raise TypeError(f"logits, target, weight and where must come from one array library, got {libs}") from e
+        hint = ""
+        if libs["logits"] == "numpy":
+            hint = (
+                " (NumPy arrays are taken into the logits' library, never the logits into another's;"
+                " jax.test_util.check_grads evaluates at NumPy logits: give it NumPy targets)"
+            )
+        raise TypeError(f"logits, target, weight and where must come from one array library, got {libs}{hint}") from e
 
     if logits.dtype not in ops.floats:
         raise TypeError(f"logits must have a real floating dtype, got {logits.dtype}")
@@ -148,6 +241,8 @@ def validate(
     positions = tuple(logits.shape[:axis]) + tuple(logits.shape[axis + 1 :])
 
     eps, z_loss, softcap = _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "K")
+    if type(eps) is not float or type(z_loss) is not float:
+        eps, z_loss = _array_settings(ops, logits, eps, z_loss)
 
     if target.dtype in ops.ints:
         soft = False
@@ -323,6 +418,8 @@ def validate_linear(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
     eps, z_loss, softcap = _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "V")
+    if type(eps) is not float or type(z_loss) is not float:
+        eps, z_loss = _array_settings(ops, hidden, eps, z_loss)
 
     _check_weight_where(ops, weight, where, k, positions)
 

@@ -211,7 +211,7 @@ def forward(ops, cfg: Config, logits, target, weight=None, where=None, g=None, g
     # checked finite (every logit finite, so every loss term), by a product: one cheap operation,
     # for "sum"/"mean" the product with the reduction's factor (0 where ignored), which also divides.
     res = Residuals(lse, coef, a_res, b, scale, y, masked, lse_out)
-    finite = not masked and (cfg.eps > 0 or cfg.soft) and ops.eager
+    finite = not masked and (cfg.smoothed or cfg.soft) and ops.eager
     if valid is not None and finite and cfg.reduction != "none" and type(scale) is not float:
         return _result(xp, xp.sum(loss * scale), logits, res, dz)
     if valid is not None:
@@ -313,11 +313,11 @@ def _position_terms(ops, cfg: Config, logits, target, y, wv, w_y, gs=None, out=N
     else:
         log_s = xp.log(s)  # s >= 1: the row maximum contributes exp(0)
     # the fused gradient (gs) needs the log-sum-exp only for the z-loss or to report it: one operation fewer
-    lse = m + log_s if gs is None or cfg.z_loss or cfg.return_lse else None
+    lse = m + log_s if gs is None or cfg.has_z_loss or cfg.return_lse else None
 
     # 4. the loss terms
     loss, coef, a_res, b = _loss_terms(ops, cfg, log_s, z_y, sums, wt, w_y, masked)
-    if cfg.z_loss:
+    if cfg.has_z_loss:
         zl = cfg.z_loss * lse * lse
         loss = loss + (xp.where(empty, xp.inf, zl) if masked else zl)
         coef = coef + 2.0 * cfg.z_loss * lse
@@ -352,7 +352,7 @@ def _eager_shift(ops, cfg: Config, z, y, w, wt, out):
     """
     xp, ax = ops.xp, cfg.axis
     m = _row_max(ops, z, ax)
-    row_sums = cfg.eps > 0 or cfg.soft
+    row_sums = cfg.smoothed or cfg.soft
     masked = not row_sums and not ops.all_finite(m)
     if masked:
         m = xp.where(m == -xp.inf, 0.0, m)  # a row of -inf only
@@ -360,7 +360,7 @@ def _eager_shift(ops, cfg: Config, z, y, w, wt, out):
     smooth_sum = target_sum = None
     if row_sums and not masked:  # taken before zs is overwritten
         taken = []
-        if cfg.eps > 0:
+        if cfg.smoothed:
             smooth_sum = ops.row_dot(zs, w, ax)
             taken.append(smooth_sum)
         if cfg.soft:
@@ -375,7 +375,7 @@ def _eager_shift(ops, cfg: Config, z, y, w, wt, out):
         sums = _masked_sums(ops, cfg, zs, w, wt)
     else:
         k = float(z.shape[ax])
-        s_w = (k if w is None else xp.sum(w)) if cfg.eps > 0 else None
+        s_w = (k if w is None else xp.sum(w)) if cfg.smoothed else None
         sums = (k, s_w, smooth_sum, target_sum)
     return m, zs, z_y, sums, masked
 
@@ -394,12 +394,12 @@ def _traced_shift(ops, cfg: Config, z, y, w, wt, out):
     m = xp.where(m == -xp.inf, 0.0, m)  # a row of -inf only
     zs = ops.subtract(z, m, out)
     sums = (None, None, None, None)
-    if cfg.eps > 0 or cfg.soft:
+    if cfg.smoothed or cfg.soft:
 
         def plain():  # every logit finite
             k = float(z.shape[ax])
             k_eff = s_w = smooth = target = None
-            if cfg.eps > 0:
+            if cfg.smoothed:
                 k_eff = k * xp.ones_like(m)
                 s_w = k_eff if w is None else xp.sum(w) * xp.ones_like(m)
                 smooth = ops.row_dot(z, w, ax) - s_w * m
@@ -421,7 +421,7 @@ def _masked_sums(ops, cfg: Config, zs, w, wt):
     xp, ax = ops.xp, cfg.axis
     fin = zs > -xp.inf
     terms = []
-    if cfg.eps > 0:
+    if cfg.smoothed:
         zf = xp.where(fin, zs, 0.0)
         terms.append(xp.astype(fin, zs.dtype))
         if w is not None:
@@ -431,7 +431,7 @@ def _masked_sums(ops, cfg: Config, zs, w, wt):
         terms.append(_times(xp, wt, zs))
     sums = ops.row_sums(terms, ax)
     k_eff = s_w = smooth = target = None
-    if cfg.eps > 0:
+    if cfg.smoothed:
         k_eff, smooth = sums[0], sums[1 if w is None else 2]
         s_w = k_eff if w is None else sums[1]
     if cfg.soft:
@@ -445,8 +445,8 @@ def _loss_terms(ops, cfg: Config, log_s, z_y, sums, wt, w_y, masked):
     out of play)."""
     xp = ops.xp
     k_eff, s_w, smooth_sum, target_sum = sums
-    row_sums = cfg.eps > 0 or cfg.soft
-    if cfg.eps > 0:
+    row_sums = cfg.smoothed or cfg.soft
+    if cfg.smoothed:
         a, b = _coefficients(xp, cfg, k_eff)
         coef, smooth = b * s_w, (b, smooth_sum, not masked)
     else:
@@ -527,7 +527,7 @@ def _position_grad(ops, cfg: Config, logits, target, y, w, lse, alpha, beta, gam
         dz = ops.imul(dz, alpha)
     else:
         dz = ops.imul_ratio(e[0], alpha, e[1])
-    if cfg.eps > 0:
+    if cfg.smoothed:
         wf = w
         if masked:
             fin = z > -xp.inf

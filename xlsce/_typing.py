@@ -27,20 +27,20 @@ Smoothing = Literal["uniform", "exclusive"]
 class LinearKeywords(TypedDict, total=False):
     """The keywords of :func:`xlsce.linear_value_and_grad` beyond its own (those of linear_cross_entropy)."""
 
-    label_smoothing: float
+    label_smoothing: float | Array
     smoothing: Smoothing
     weight: Array | None
     ignore_index: int | None
     where: Array | None
     reduction: Reduction
-    z_loss: float
+    z_loss: float | Array
     softcap: float | None
 
 
 class Keywords(LinearKeywords, total=False):
     """The keywords of :class:`xlsce.CrossEntropyLoss` (those of :func:`xlsce.cross_entropy` but return_lse)."""
 
-    axis: int
+    axis: int | tuple[int, ...]
 
 
 class CallKeywords(Keywords, total=False):

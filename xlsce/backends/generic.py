@@ -72,6 +72,10 @@ class Generic:
         if self.readable and not bool(ok):
             raise ValueError(message)
 
+    def asarray_like(self, x, like):
+        """A NumPy array or Python number ``x`` as an array of this library on ``like``'s device (not an input)."""
+        return self.xp.asarray(x, device=self.device(like))
+
     def min_max(self, x, *, lo=True, hi=True):
         """``(min(x), max(x))`` as Python numbers (readable only); a side not asked for is None."""
         xp = self.xp

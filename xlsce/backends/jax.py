@@ -33,9 +33,15 @@ class Jax(Generic):
         ints = {np.dtype(f"{u}int{b}") for u in ("", "u") for b in (8, 16, 32, 64)}
         return floats, ints, np.dtype(np.float32), np.dtype(np.float64)
 
+    def asarray_like(self, x, like):
+        return jnp.asarray(x)  # a constant under tracing; a tracer has no device to ask
+
     def require(self, ok, message):
         # values are read only where they live on the host (never a device synchronisation)
-        if not self.traced and all(d.platform == "cpu" for d in ok.devices()) and not bool(ok):
+        # (ok is traced also where the logits are not: arrays closed over by a jitted function)
+        if isinstance(ok, jax.core.Tracer) or self.traced:
+            return
+        if all(d.platform == "cpu" for d in ok.devices()) and not bool(ok):
             raise ValueError(message)
 
     def isub_at(self, a, index, v, axis):
@@ -134,13 +140,14 @@ class Jax(Generic):
         dh = None if dhs is None else dhs.reshape(count * chunk, width)[:n]
         return out, lse, dh, dw, db
 
-    # ------------------------------------------------------------------ entry points: custom_vjp
+    # ------------------------------------------------------------------ entry points: custom_jvp / custom_vjp
 
     def loss(self, cfg, logits, target, weight, where):
-        return _loss(self, cfg, logits, target, weight, where)
+        return _loss(self, cfg.static(), logits, target, weight, where, cfg.settings())
 
     def linear_loss_flat(self, cfg, chunk, hidden, classifier, bias, target, weight, where):
-        return _linear_loss(self, cfg, chunk, hidden, classifier, bias, target, weight, where)
+        args = (hidden, classifier, bias, target, weight, where, cfg.settings())
+        return _linear_loss(self, cfg.static(), chunk, *args)
 
 
 # One backend object per mode (traced or not), made at import.
@@ -180,54 +187,104 @@ def _row_sums_jvp(axis, primals, tangents):  # linear: the sums of the tangents,
 # --------------------------------------------------------------------------- cross_entropy
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _loss(ops, cfg, logits, target, weight, where):
-    return Generic.loss(ops, cfg, logits, target, weight, where)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _loss(ops, cfg, logits, target, weight, where, settings):
+    """The loss, differentiated by :func:`_loss_jvp` in forward and in reverse mode.  ``settings``:
+    the label smoothing and z-loss given as arrays (``cfg`` holds ``OPERAND`` there), or None."""
+    return Generic.loss(ops, cfg.with_settings(settings), logits, target, weight, where)
 
 
-def _loss_fwd(ops, cfg, logits, target, weight, where):
-    if weight is not None and weight.perturbed:
+def _zero(t):
+    return t is None or isinstance(t, SymbolicZero)
+
+
+@functools.partial(_loss.defjvp, symbolic_zeros=True)
+def _loss_jvp(ops, cfg, primals, tangents):
+    """The tangent of the loss is linear in the tangents of the logits and of a soft target,
+    ``sum_c dloss/dz_c * t_c``; it is computed by :func:`_tangent` under ``jax.checkpoint``, so that
+    reverse mode (which transposes it) saves only the logits and the forward's O(N) residuals, and
+    recomputes the analytic gradient from them, as a ``custom_vjp`` would.  The loss is affine in the
+    label smoothing and in the z-loss weight, so their tangents (where they are arrays) are
+    ``t * (loss(1) - loss(0))``: two more forward passes, only where they are differentiated."""
+    logits, target, weight, where, settings = primals
+    t_logits, t_target, t_weight, _, t_settings = tangents
+    if not _zero(t_weight):
         raise TypeError("weight must not be differentiated: xlsce provides no gradient for class weights")
-    need_target = target.perturbed
-    logits, target = logits.value, target.value
-    weight = None if weight is None else weight.value
-    where = None if where is None else where.value
-    out, res = _math.forward(ops, cfg, logits, target, weight, where)
+    c = cfg.with_settings(settings)
+    out, res = _math.forward(ops, c, logits, target, weight, where)
     if cfg.return_lse:
-        out = (out, ops.reported_lse(cfg, res, logits))
-    res = Residuals(*(r if r is None or isinstance(r, bool) else jnp.asarray(r) for r in res))
-    return out, (logits, target, weight, res, need_target)
+        out = (out, ops.reported_lse(c, res, logits))
+    t_logits = None if _zero(t_logits) else t_logits
+    t_target = None if _zero(t_target) or not cfg.soft else t_target
+    shape = out[0].shape if cfg.return_lse else out.shape
+    if t_logits is None and t_target is None:
+        t_out = jnp.zeros(shape, logits.dtype)
+        t_lse = None if not cfg.return_lse else jnp.zeros(out[1].shape, out[1].dtype)
+    else:
+        # the residuals' Python numbers and flags stay static (closed over); the arrays are operands
+        static = tuple(r if r is None or type(r) in (bool, float) else None for r in res)
+        arrays = tuple(None if r is None or type(r) in (bool, float) else r for r in res)
+        linear = jax.checkpoint(functools.partial(_tangent, ops, cfg, static))
+        t_out, t_lse = linear(logits, target, weight, arrays, settings, t_logits, t_target)
+    if settings is not None:
+        for name, value, t in zip(("eps", "z_loss"), settings, t_settings, strict=True):
+            if value is not None and not _zero(t):  # the loss is affine in it: the slope is loss(1) - loss(0)
+                one, zero = (
+                    _math.forward(ops, c._replace(**{name: v}), logits, target, weight, where)[0] for v in (1.0, 0.0)
+                )
+                t_out = t_out + (t * (one - zero)).astype(t_out.dtype)
+    return out, ((t_out, t_lse) if cfg.return_lse else t_out)
 
 
-def _loss_bwd(ops, cfg, saved, g):
-    logits, target, weight, res, need_target = saved
-    g, g_lse = g if cfg.return_lse else (g, None)
-    if isinstance(g, SymbolicZero):
-        g = jnp.zeros(g.shape, g.dtype)
-    if isinstance(g_lse, SymbolicZero):
-        g_lse = None
-    dlogits, dtarget = _math.backward(ops, cfg, logits, target, weight, res, g, need_target=need_target, g_lse=g_lse)
-    if dtarget is not None:
-        dtarget = dtarget.astype(target.dtype)
-    return dlogits, dtarget, None, None
+def _tangent(ops, cfg, static, logits, target, weight, arrays, settings, t_logits, t_target):
+    """``(sum_c dloss/dz_c t_c + sum_c dloss/dq_c tq_c, sum_c softmax_c t_c)`` reduced as the loss (the
+    second only with ``return_lse``): from the analytic backward at a unit cotangent.  The residuals
+    are ``static`` (Python values) where ``arrays`` holds None, else the arrays."""
+    res = Residuals(*(a if a is not None else v for a, v in zip(arrays, static, strict=True)))
+    c = cfg.with_settings(settings)
+    dz, dtarget = _math.backward(ops, c, logits, target, weight, res, 1.0, need_target=t_target is not None)
+    axes = (cfg.axis,) if cfg.reduction == "none" else None
+    dt = ops.compute[logits.dtype]  # the sums in the compute dtype (half-precision logits: float32)
 
+    def dot(a, b):
+        return jnp.sum(a.astype(dt) * b.astype(dt), axis=axes)
 
-_loss.defvjp(_loss_fwd, _loss_bwd, symbolic_zeros=True)
+    t_out = 0.0
+    if t_logits is not None:
+        t_out = dot(dz, t_logits)
+    if t_target is not None:
+        t_out = t_out + dot(dtarget, t_target)
+    dtype = logits.dtype
+    t_lse = None
+    if cfg.return_lse:
+        t_lse = jnp.zeros(tuple(s for i, s in enumerate(logits.shape) if i != cfg.axis), dtype)
+        if t_logits is not None:
+            ones = jnp.ones(t_lse.shape, dtype)
+            softmax, _ = _math.backward(ops, c, logits, target, weight, res, 0.0, g_lse=ones)
+            t_lse = jnp.sum(softmax * t_logits, axis=cfg.axis).astype(dtype)
+    return jnp.asarray(t_out).astype(dtype), t_lse
 
 
 # --------------------------------------------------------------------------- linear_cross_entropy
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _linear_loss(ops, cfg, chunk, hidden, classifier, bias, target, weight, where):
+def _linear_loss(ops, cfg, chunk, hidden, classifier, bias, target, weight, where, settings):
+    cfg = cfg.with_settings(settings)
     return Generic.linear_loss_flat(ops, cfg, chunk, hidden, classifier, bias, target, weight, where)
 
 
-def _linear_loss_fwd(ops, cfg, chunk, hidden, classifier, bias, target, weight, where):
+def _linear_loss_fwd(ops, cfg, chunk, hidden, classifier, bias, target, weight, where, settings):
     """Residuals ``(inputs, flags, grads)``: the inputs where the backward may recompute ("none", or
     a differentiated lse), the gradients accumulated in the forward for "sum"/"mean"."""
     if weight is not None and weight.perturbed:
         raise TypeError("weight must not be differentiated: xlsce provides no gradient for class weights")
+    if settings is not None and any(x is not None and x.perturbed for x in settings):
+        raise TypeError(
+            "label_smoothing and z_loss must not be differentiated in linear_cross_entropy (no gradient for them)"
+        )
+    if settings is not None:
+        cfg = cfg.with_settings(tuple(None if x is None else x.value for x in settings))
     need = (hidden.perturbed, classifier.perturbed, bias is not None and bias.perturbed)
     hidden, classifier, target = hidden.value, classifier.value, target.value
     bias, weight, where = (None if x is None else x.value for x in (bias, weight, where))
@@ -238,18 +295,20 @@ def _linear_loss_fwd(ops, cfg, chunk, hidden, classifier, bias, target, weight, 
     # `need` travels in the residuals' structure (None = not needed): residuals must be arrays.
     flags = tuple(jnp.zeros((0,)) if f else None for f in need)
     grads = None if cfg.reduction == "none" else grads
-    return ((out, lse) if cfg.return_lse else out), (inputs, flags, grads)
+    settings = None if settings is None else cfg.settings()
+    return ((out, lse) if cfg.return_lse else out), (inputs, flags, grads, settings)
 
 
 def _linear_loss_bwd(ops, cfg, chunk, saved, g):
-    inputs, flags, grads = saved
+    inputs, flags, grads, settings = saved
+    cfg = cfg.with_settings(settings)
     g, g_lse = g if cfg.return_lse else (g, None)
     if isinstance(g_lse, SymbolicZero):
         g_lse = None
     if isinstance(g, SymbolicZero):
         g = None if grads is not None and g_lse is None else jnp.zeros(g.shape, g.dtype)
     if g is None:  # neither output is differentiated
-        return (None,) * 6
+        return (None,) * 7
     if grads is None or g_lse is not None:
         need = tuple(f is not None for f in flags)
         _, _, grads = _linear.value_and_grads(
@@ -257,7 +316,7 @@ def _linear_loss_bwd(ops, cfg, chunk, saved, g):
         )
     else:
         grads = tuple(None if x is None else (g * x).astype(x.dtype) for x in grads)
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 _linear_loss.defvjp(_linear_loss_fwd, _linear_loss_bwd, symbolic_zeros=True)
