@@ -45,6 +45,7 @@ def cross_entropy(
     z_loss=0.0,
     softcap=None,
     return_lse=False,
+    return_token_accuracy=False,
 ):
     r"""Softmax cross-entropy with label smoothing, class weights and masking.
 
@@ -112,10 +113,20 @@ def cross_entropy(
         e.g. to log the z-loss :math:`\zeta\,\mathrm{lse}^2` as Liger's ``return_z_loss``
         or Cut Cross-Entropy's ``return_lse`` do.  It is differentiable: its gradient
         :math:`\mathrm{softmax}(z)` joins the loss's in the same analytic backward.
+      return_token_accuracy: also return the token accuracy (Liger-Kernel's
+        ``return_token_accuracy``): :math:`a_i = [\operatorname{argmax}_c z_c = y_i]` at the
+        positions that count (0 at ignored or masked ones), over the (capped) logits; ties go to
+        the first maximum, as ``argmax``.  For ``"sum"``/``"mean"`` the fraction
+        :math:`\sum_i a_i / \#\{i \text{ counted}\}` (unweighted by ``weight``; 0 when nothing
+        counts), a 0-d array; for ``"none"`` the 0/1 values :math:`a_i`.  Float32 (float64 for
+        float64 logits); no gradient flows through it.  Class indices only: with probability
+        targets it raises ValueError.  It costs one ``argmax`` over the logits.
 
     Returns:
       The loss: a scalar for ``"sum"``/``"mean"``, the positions' shape for ``"none"``;
-      with ``return_lse=True`` the pair ``(loss, lse)``, ``lse`` of the positions' shape.
+      with ``return_lse=True`` the pair ``(loss, lse)``, ``lse`` of the positions' shape;
+      with ``return_token_accuracy=True`` the accuracy after them: ``(loss, accuracy)`` or
+      ``(loss, lse, accuracy)``.
 
     Raises:
       TypeError, ValueError: on bad input, before any computation.  Class indices
@@ -152,8 +163,13 @@ def cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
         return_lse=return_lse,
+        return_token_accuracy=return_token_accuracy,
     )
-    return ops.loss(cfg, logits, target, weight, where)
+    out = ops.loss(cfg, logits, target, weight, where)
+    if not cfg.return_token_accuracy:
+        return out
+    accuracy = ops.token_accuracy(cfg, logits, target, where)
+    return (*out, accuracy) if cfg.return_lse else (out, accuracy)
 
 
 def value_and_grad(

@@ -101,6 +101,17 @@ def _check_lse(return_lse):
     return return_lse
 
 
+def _check_accuracy(return_token_accuracy, soft):
+    """``return_token_accuracy``: a bool, and only for class indices (a probability target has no class to hit)."""
+    if return_token_accuracy is not False and return_token_accuracy is not True:
+        raise TypeError(f"return_token_accuracy must be a bool, got {type(return_token_accuracy).__name__}")
+    if return_token_accuracy and soft:
+        raise ValueError(
+            "return_token_accuracy needs integer class indices (argmax == target); got probability targets"
+        )
+    return return_token_accuracy
+
+
 def validate(
     logits,
     target,
@@ -115,6 +126,7 @@ def validate(
     z_loss=0.0,
     softcap=None,
     return_lse=False,
+    return_token_accuracy=False,
 ):
     """Check every argument; return ``(ops, Config)``, ``ops`` the backend of the call."""
     if logits is None or target is None:
@@ -185,6 +197,9 @@ def validate(
         z_loss=z_loss,
         softcap=softcap,
         return_lse=return_lse if return_lse is False else _check_lse(return_lse),
+        return_token_accuracy=return_token_accuracy
+        if return_token_accuracy is False
+        else _check_accuracy(return_token_accuracy, soft),
     )
     return ops, cfg
 

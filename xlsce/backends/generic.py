@@ -265,6 +265,10 @@ class Generic:
         out, res = _math.forward(self, cfg, logits, target, weight, where)
         return (out, self.reported_lse(cfg, res, logits)) if cfg.return_lse else out
 
+    def token_accuracy(self, cfg, logits, target, where):
+        """The reported token accuracy (``return_token_accuracy``): no gradient flows through an argmax."""
+        return _math.token_accuracy(self, cfg, logits, target, where)
+
     def reported_lse(self, cfg, res, logits):
         lse = _math.reported_lse(self.xp, cfg, res)
         return lse if lse.dtype == logits.dtype else self.xp.astype(lse, logits.dtype)
