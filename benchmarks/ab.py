@@ -126,7 +126,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=15, help="timed runs of each, in turns (median)")
     p.add_argument("--min-time", type=float, default=0.05, help="seconds per timed run")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
-    p.add_argument("--linear", type=lambda t: parse_shape(t, 3), action="append", help="NxHxV: time linear_cross_entropy instead")
+    p.add_argument(
+        "--linear", type=lambda t: parse_shape(t, 3), action="append", help="NxHxV: time linear_cross_entropy instead"
+    )
     p.add_argument("--chunk-size", type=int, default=None, help="--linear: xlsce's rows per chunk (default: its rule)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")

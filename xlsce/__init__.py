@@ -262,6 +262,7 @@ def linear_cross_entropy(
     z_loss=0.0,
     softcap=None,
     return_lse=False,
+    return_token_accuracy=False,
 ):
     r"""Cross-entropy of a linear classifier, without ever building the full logits.
 
@@ -305,11 +306,17 @@ def linear_cross_entropy(
         for "sum"/"mean" are accumulated during the forward pass for the loss
         alone, a backward that receives a nonzero lse cotangent recomputes the
         chunks (one more pass; a detached or unused lse costs nothing).
+      return_token_accuracy: also return the token accuracy, as :func:`cross_entropy` does
+        (argmax of the (capped) logits == target at the counted positions, first maximum at
+        ties; the fraction for "sum"/"mean", 0 when nothing counts; 0/1 per position for
+        "none"; float32, float64 for float64 inputs; not differentiable), taken chunk by chunk
+        from the logits the loss builds: no extra matrix product.
 
     Returns:
       The loss, in the dtype of ``hidden``: a scalar for ``"sum"``/``"mean"``,
       ``hidden.shape[:-1]`` for ``"none"``; with ``return_lse=True`` the pair
-      ``(loss, lse)``, ``lse`` of shape ``hidden.shape[:-1]``.
+      ``(loss, lse)``, ``lse`` of shape ``hidden.shape[:-1]``; with
+      ``return_token_accuracy=True`` the accuracy after them.
 
     Example:
       >>> import numpy as np
@@ -342,6 +349,7 @@ def linear_cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
         return_lse=return_lse,
+        return_token_accuracy=return_token_accuracy,
     )
     return ops.linear_loss(cfg, chunk, hidden, classifier, bias, target, weight, where)
 
@@ -371,12 +379,12 @@ def linear_value_and_grad(hidden, classifier, target, /, *, cotangent=None, bias
     ops, cfg, chunk = _checks.validate_linear(
         hidden, classifier, bias, target, weight, where, chunk_size=chunk_size, **settings
     )
-    if (
-        cotangent is not None
-        and cfg.reduction == "none"
-        and tuple(getattr(cotangent, "shape", ())) != tuple(target.shape)
-    ):
-        raise ValueError("cotangent must have the shape of the per-position loss (target.shape) for reduction='none'")
+    positions = tuple(hidden.shape[:-1]) + tuple(classifier.shape[1:-1])
+    if cotangent is not None and cfg.reduction == "none" and tuple(getattr(cotangent, "shape", ())) != positions:
+        raise ValueError(
+            f"cotangent must have the shape of the per-position loss {positions} for reduction='none' "
+            "(hidden.shape[:-1] + classifier.shape[1:-1])"
+        )
     need = (True, True, bias is not None)
     return ops.linear_value_and_grads(
         cfg, chunk, hidden, classifier, bias, target, weight, where, need=need, cotangent=cotangent

@@ -162,7 +162,9 @@ def forward(ops, cfg: Config, logits, target, weight=None, where=None, g=None, g
             return _position_terms(ops, cfg, logits, target, y, wv, w_y, gs, out)
 
         blocks, out_dtype = (logits, soft_target, y, w_y, gs), logits.dtype
-    parts = ops.by_blocks(terms, blocks, blocked=ax != 0, out_dtype=out_dtype, first_is_block=g is not None, out=grad_out)
+    parts = ops.by_blocks(
+        terms, blocks, blocked=ax != 0, out_dtype=out_dtype, first_is_block=g is not None, out=grad_out
+    )
     dz, (loss, lse, coef, a_res, b, masked, lse_out) = (parts[0], parts[1:]) if g is not None else (None, parts)
 
     # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf); eager with the row sums
