@@ -296,3 +296,32 @@ def test_linear_token_accuracy_refuses_probabilities():
     hidden, classifier, bias, target, weight = _problem(8, soft=True)
     with pytest.raises(ValueError, match="return_token_accuracy"):
         xlsce.linear_cross_entropy(hidden, classifier, target, return_token_accuracy=True)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["indices", "probabilities"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_k_dimensional_jax_gradients(soft, reduction):
+    """jax.grad of the K-dim chunked loss (one lax.scan) equals that of the materialised loss (class axis 1)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng(9)
+    h, w, b = rng.normal(size=(7, 3)), rng.normal(size=(5, 2, 3)), rng.normal(size=(5, 2))
+    if soft:
+        t = rng.random((7, 5, 2))
+        t /= t.sum(axis=1, keepdims=True)
+    else:
+        t = rng.integers(0, 5, size=(7, 2))
+        t[1, 1] = -100
+    t = jnp.asarray(t)
+    kw = dict(reduction=reduction, label_smoothing=0.1)
+
+    def chunked(h, w, b):
+        return xlsce.linear_cross_entropy(h, w, t, bias=b, chunk_size=3, **kw).sum()
+
+    def full(h, w, b):
+        return xlsce.cross_entropy(jnp.einsum("nh,cdh->ncd", h, w) + b, t, axis=1, **kw).sum()
+
+    got = jax.jit(jax.grad(chunked, argnums=(0, 1, 2)))(h, w, b)
+    want = jax.grad(full, argnums=(0, 1, 2))(h, w, b)
+    for a, c in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-10)
