@@ -117,10 +117,12 @@ def chunk_step(ops, cfg, h, classifier, bias, target, weight, where, g, need, ac
     hits = _math.token_hits(ops, cfg, z, target, where) if cfg.return_token_accuracy else None
     dw, db = acc
     if work is not None and any(need) and g_lse is None:  # one pass: the loss and its gradient
-        loss, res, dz = _math.forward(
-            ops, cfg, z, target, weight, where, g=g, grad_out=_reuse(work, "dz", d * rows, dt)
-        )
-        dz = _keep(work, "dz", dz)
+        # without smoothing, probability targets or a soft-cap, the pass reads the logits only to shift them
+        # (_math._eager_shift): the gradient can overwrite them, one (V, C) buffer less
+        in_place = cfg.eps == 0 and not cfg.soft and cfg.softcap is None
+        out = z if in_place else _reuse(work, "dz", d * rows, dt)
+        loss, res, dz = _math.forward(ops, cfg, z, target, weight, where, g=g, grad_out=out)
+        dz = dz if in_place else _keep(work, "dz", dz)
     else:
         loss, res = _math.forward(ops, cfg, z, target, weight, where)
     lse = _math.reported_lse(xp, cfg, res) if cfg.return_lse else None
