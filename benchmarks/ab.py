@@ -10,6 +10,12 @@ then left out).  It prints each median time per call, B / A, and each copy's rat
 to the anchor.  Nothing is written.
 
     python -m benchmarks.ab e074278 --backend numpy --shape 256x10 --shape 65536x1000 --clock cpu
+
+``--linear NxHxV`` times ``linear_cross_entropy``'s forward+backward (torch, float32, eps 0, the
+gradients of hidden and classifier) instead, against torch's chunked ``F.linear_cross_entropy``
+(``options=nn.LinearCrossEntropyOptions()``) as the anchor; ``--chunk-size`` sets xlsce's.
+
+    python -m benchmarks.ab HEAD --linear 1024x512x32768 --rounds 5
 """
 
 from __future__ import annotations
@@ -61,6 +67,56 @@ def _bind(backend, mod, arrays):
     return (lambda: fg(z, y, w)), jax.block_until_ready
 
 
+def _bind_linear(mod, arrays, chunk_size):
+    """(fn, sync): linear_cross_entropy's forward+backward, the gradients of hidden and classifier."""
+    import torch
+
+    hidden, classifier, target = arrays
+
+    def fwdbwd():
+        loss = mod.linear_cross_entropy(hidden, classifier, target, chunk_size=chunk_size)
+        return loss.detach(), torch.autograd.grad(loss, (hidden, classifier))
+
+    return fwdbwd, (lambda out: out)
+
+
+def _torch_chunked(arrays):
+    import torch
+
+    hidden, classifier, target = arrays
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def fwdbwd():
+        loss = torch.nn.functional.linear_cross_entropy(hidden, classifier, target, options=options)
+        return loss.detach(), torch.autograd.grad(loss, (hidden, classifier))
+
+    return fwdbwd, (lambda out: out)
+
+
+def _linear_ab(old, new, shape, args, clock):
+    import torch
+
+    from .cases import linear_inputs
+
+    n, h, v = shape
+    hidden, classifier, target = (torch.from_numpy(a) for a in linear_inputs(n, h, v))
+    arrays = (hidden.requires_grad_(), classifier.requires_grad_(), target)
+    calls = {
+        "A": _bind_linear(old, arrays, args.chunk_size),
+        "B": _bind_linear(new, arrays, args.chunk_size),
+        "anchor": _torch_chunked(arrays),
+    }
+    rec = measure_interleaved(calls, runs=args.rounds, min_time=args.min_time, clock=clock)
+    t = {name: r["median_s"] for name, r in rec.items()}
+    spread = {name: (min(r["runs_s"]), max(r["runs_s"])) for name, r in rec.items()}
+    print(
+        f"linear {n}x{h}x{v}  A {t['A']:8.4f} s  B {t['B']:8.4f} s  torch-chunked {t['anchor']:8.4f} s   "
+        f"B/A {t['B'] / t['A']:.3f}   vs torch-chunked: A {t['A'] / t['anchor']:.3f}, B {t['B'] / t['anchor']:.3f}   "
+        f"(min..max per run: " + ", ".join(f"{k} {lo:.3f}..{hi:.3f}" for k, (lo, hi) in spread.items()) + ")",
+        flush=True,
+    )
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__.splitlines()[0])
     p.add_argument("rev", help="git revision of this repository (A); B is the working tree")
@@ -70,6 +126,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=15, help="timed runs of each, in turns (median)")
     p.add_argument("--min-time", type=float, default=0.05, help="seconds per timed run")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    p.add_argument(
+        "--linear", type=lambda t: parse_shape(t, 3), action="append", help="NxHxV: time linear_cross_entropy instead"
+    )
+    p.add_argument("--chunk-size", type=int, default=None, help="--linear: xlsce's rows per chunk (default: its rule)")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     import xlsce
@@ -80,7 +140,9 @@ def main(argv=None):
         print(
             f"A: xlsce at {describe}; B: {os.path.dirname(xlsce.__file__)}; {args.clock} clock, median of {args.rounds}"
         )
-        for backend in args.backend or ["numpy", "torch"]:
+        for shape in args.linear or []:
+            _linear_ab(old, xlsce, shape, args, clock)
+        for backend in args.backend or ([] if args.linear else ["numpy", "torch"]):
             for shape in args.shape or [(256, 10)]:
                 for variant in args.variant or ["plain", "masked"]:
                     case = Case(*shape, "float32", variant)

@@ -5,13 +5,20 @@ V = 65536, float32; the materialised logits are 2 GiB; tens of minutes on a
 2-core CPU) or ``python -m benchmarks.linear --quick`` (N = 2048, H = 256,
 V = 16384, chunks of N/8, about a minute).
 
-Implementations, each computing the loss (label smoothing 0.1, 'mean') and its
+Implementations, each computing the loss (label smoothing ``--eps``, default 0.1, 'mean') and its
 gradients with respect to ``hidden`` and ``classifier``:
 
 * ``materialised``: ``xlsce.cross_entropy(hidden @ classifier.T, target)`` with
   torch autograd / ``jax.value_and_grad``;
 * ``chunked``: ``xlsce.linear_cross_entropy(hidden, classifier, target)`` with the
-  default chunk size (or ``--chunk-size``).
+  default chunk size (or ``--chunk-size``);
+* PyTorch only, PyTorch 2.13's own ``F.linear_cross_entropy``: ``torch-materialised``
+  (``options=None``, its default) and ``torch-chunked``
+  (``options=nn.LinearCrossEntropyOptions()``, its own chunk rule; with label smoothing
+  it warns and falls back to the materialised logits, and the line says so).
+
+``--shape NxHxV`` sets the sizes (the issue's comparison with PyTorch's chunked path:
+``--shape 4096x1024x65536 --eps 0``).
 
 Each (backend, implementation) runs in its own process, one after the other:
 
@@ -55,7 +62,9 @@ EPS = 0.1
 TARGETS = dict(memory=0.25, time=1.2)
 
 
-def _torch_worker(impl, n, h, v, chunk, runs):
+def _torch_worker(impl, n, h, v, chunk, runs, eps=EPS):
+    import warnings
+
     import torch
 
     import xlsce
@@ -65,15 +74,22 @@ def _torch_worker(impl, n, h, v, chunk, runs):
     hidden = torch.from_numpy(hidden).requires_grad_()
     classifier = torch.from_numpy(classifier).requires_grad_()
     target = torch.from_numpy(target)
+    options = torch.nn.LinearCrossEntropyOptions() if impl == "torch-chunked" else None
 
     def step(hh, tt):
         if impl == "materialised":
-            loss = xlsce.cross_entropy(hh @ classifier.T, tt, label_smoothing=EPS)
+            loss = xlsce.cross_entropy(hh @ classifier.T, tt, label_smoothing=eps)
+        elif impl == "chunked":
+            loss = xlsce.linear_cross_entropy(hh, classifier, tt, label_smoothing=eps, chunk_size=chunk)
         else:
-            loss = xlsce.linear_cross_entropy(hh, classifier, tt, label_smoothing=EPS, chunk_size=chunk)
+            loss = torch.nn.functional.linear_cross_entropy(hh, classifier, tt, label_smoothing=eps, options=options)
         return (loss, *torch.autograd.grad(loss, (hh, classifier)))
 
-    step(hidden[:8], target[:8])  # lazy initialisation, not counted
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(hidden[:8], target[:8])  # lazy initialisation, not counted
+    fallback = any("options" in str(w.message) for w in caught)
+
     exact = reset_peak()
     base_rss, base_max = 1024 * status_kib("VmRSS"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
@@ -90,6 +106,7 @@ def _torch_worker(impl, n, h, v, chunk, runs):
         loss=float(out[0]),
         grad_norms=[float(g.norm()) for g in out[1:]],
         first_s=first,
+        fallback=fallback,
     )
     del out
     times = []
@@ -102,7 +119,7 @@ def _torch_worker(impl, n, h, v, chunk, runs):
     return result
 
 
-def _jax_worker(impl, n, h, v, chunk, runs):
+def _jax_worker(impl, n, h, v, chunk, runs, eps=EPS):
     import jax
 
     import xlsce
@@ -114,8 +131,8 @@ def _jax_worker(impl, n, h, v, chunk, runs):
 
     def loss_fn(hh, ww, tt):
         if impl == "materialised":
-            return xlsce.cross_entropy(hh @ ww.T, tt, label_smoothing=EPS)
-        return xlsce.linear_cross_entropy(hh, ww, tt, label_smoothing=EPS, chunk_size=chunk)
+            return xlsce.cross_entropy(hh @ ww.T, tt, label_smoothing=eps)
+        return xlsce.linear_cross_entropy(hh, ww, tt, label_smoothing=eps, chunk_size=chunk)
 
     fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
     t0 = time.perf_counter()
@@ -195,7 +212,7 @@ def products(backend, shape, chunk, runs=5):
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def _run_case(backend, impl, shape, chunk, runs):
+def _run_case(backend, impl, shape, chunk, runs, eps=EPS):
     cmd = [
         sys.executable,
         "-m",
@@ -206,6 +223,7 @@ def _run_case(backend, impl, shape, chunk, runs):
         json.dumps(shape),
         str(chunk),
         str(runs),
+        str(eps),
     ]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -226,17 +244,26 @@ def main(argv=None):
     p.add_argument("--backends", default="torch,jax", help="comma-separated: torch, jax")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--products", action="store_true", help="time one chunk's matrix products in both layouts instead")
-    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--shape", default=None, help="NxHxV instead of the default sizes")
+    p.add_argument("--eps", type=float, default=EPS, help=f"label smoothing (default {EPS})")
+    p.add_argument(
+        "--impls", default=None, help="comma-separated (default: materialised,chunked, and on torch torch-chunked)"
+    )
+    p.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
-        backend, impl, shape, chunk, runs = args.worker
+        backend, impl, shape, chunk, runs, eps = args.worker
         shape, chunk = json.loads(shape), None if chunk == "None" else int(chunk)
         worker = _torch_worker if backend == "torch" else _jax_worker
-        print(json.dumps(worker(impl, shape["n"], shape["h"], shape["v"], chunk, int(runs))))
+        print(json.dumps(worker(impl, shape["n"], shape["h"], shape["v"], chunk, int(runs), float(eps))))
         return 0
 
     shape = QUICK if args.quick else FULL
+    if args.shape:
+        from .cases import parse_shape
+
+        shape = dict(zip("nhv", parse_shape(args.shape, 3), strict=True))
     runs = args.runs or (5 if args.quick else 3)
     chunk = args.chunk_size or (shape["n"] // 8 if args.quick else None)
     if args.products:
@@ -256,21 +283,42 @@ def main(argv=None):
         shown = str(chunk)
     logits = shape["n"] * shape["v"] * 4
     print(
-        f"N={shape['n']} H={shape['h']} V={shape['v']} float32, logits {_mib(logits).strip()}, chunk {shown}, runs {runs}"
+        f"N={shape['n']} H={shape['h']} V={shape['v']} float32, eps {args.eps}, logits {_mib(logits).strip()}, "
+        f"chunk {shown}, runs {runs}"
     )
-    results = {"shape": shape, "chunk_size": chunk, "runs": runs, "cases": {}}
+    results = {"shape": shape, "chunk_size": chunk, "runs": runs, "eps": args.eps, "cases": {}}
     ok = True
     for backend in args.backends.split(","):
         res = {}
-        for impl in ("materialised", "chunked"):
-            res[impl] = r = _run_case(backend, impl, shape, chunk, runs)
+        impls = ["materialised", "chunked"] + (["torch-chunked"] if backend == "torch" else [])
+        if args.impls:
+            impls = [i for i in args.impls.split(",") if backend == "torch" or not i.startswith("torch-")]
+        for impl in impls:
+            res[impl] = r = _run_case(backend, impl, shape, chunk, runs, args.eps)
             med = statistics.median(r["times_s"]) if r["times_s"] else r["first_s"]
             r["median_s"] = med
+            note = " (fell back to the materialised logits)" if r.get("fallback") else ""
+            spread = f"runs {min(r['times_s']):.2f}..{max(r['times_s']):.2f} s, " if r["times_s"] else ""
             print(
-                f"{backend:5s} {impl:12s} peak {_mib(r['peak_bytes'])} ({r['peak_method']}), "
-                f"time median {med:7.2f} s  (first {r['first_s']:.2f} s), loss {r['loss']:.6f}",
+                f"{backend:5s} {impl:18s} peak {_mib(r['peak_bytes'])} ({r['peak_method']}), "
+                f"time median {med:7.2f} s  ({spread}first {r['first_s']:.2f} s), loss {r['loss']:.6f}{note}",
                 flush=True,
             )
+        for other in ("torch-chunked", "torch-materialised"):
+            if other in res and "chunked" in res:
+                t, c = res[other], res["chunked"]
+                agree = np.isclose(t["loss"], c["loss"], rtol=1e-4) and np.allclose(
+                    t["grad_norms"], c["grad_norms"], rtol=1e-3
+                )
+                ok = ok and agree
+                print(
+                    f"{backend:5s} xlsce chunked / {other}: time {c['median_s'] / t['median_s']:.3f}, "
+                    f"memory {c['peak_bytes'] / t['peak_bytes']:.3f}; results agree: {agree}",
+                    flush=True,
+                )
+        if "materialised" not in res or "chunked" not in res:
+            results["cases"][backend] = res
+            continue
         m, c = res["materialised"], res["chunked"]
         same = np.isclose(m["loss"], c["loss"], rtol=1e-4) and np.allclose(m["grad_norms"], c["grad_norms"], rtol=1e-3)
         mem_ratio = c["peak_bytes"] / m["peak_bytes"]

@@ -652,8 +652,10 @@ def test_default_chunk_size_rule():
         (dict(classifier=np.zeros((V, H), dtype=np.float32)), TypeError, "classifier must have the dtype"),
         (dict(bias=np.zeros(V + 1)), ValueError, "bias must have shape"),
         (dict(bias=np.zeros(V, dtype=np.float32)), TypeError, "bias must have the dtype"),
-        (dict(target=np.zeros((N, V))), ValueError, "class indices only"),
-        (dict(target=np.zeros(N + 1, dtype=np.int64)), ValueError, "target must have the shape"),
+        (dict(target=np.zeros((N, V + 1))), ValueError, "target of class probabilities must have the logits' shape"),
+        (dict(target=np.zeros((N, V)), ignore_index=0), ValueError, "ignore_index is not supported"),
+        (dict(target=np.zeros(N + 1, dtype=np.int64)), ValueError, "target of class indices must have the positions"),
+        (dict(classifier=np.zeros((V, 2, H))), ValueError, "bias must have shape"),
         (dict(target=np.full(N, V)), ValueError, "outside"),
         (dict(hidden=np.zeros((N, H), dtype=np.int64)), TypeError, "hidden must have a real floating"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
@@ -665,6 +667,8 @@ def test_default_chunk_size_rule():
         (dict(softcap=0.0), ValueError, "softcap"),
         (dict(z_loss=-1.0), ValueError, "z_loss"),
         (dict(return_lse=1), TypeError, "return_lse must be a bool"),
+        (dict(return_token_accuracy=1), TypeError, "return_token_accuracy must be a bool"),
+        (dict(target=np.zeros((N, V)), return_token_accuracy=True), ValueError, "return_token_accuracy needs"),
     ],
 )
 def test_validation(change, error, match):

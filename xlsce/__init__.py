@@ -49,20 +49,58 @@ __version__ = "0.1.0"
 
 
 # The overloads tell a checker what comes back: the loss in the logits' array type, and a tuple when
-# more is asked for (return_lse).  The other keywords are those of a TypedDict (xlsce/_typing.py), so
+# more is asked for (return_lse, return_token_accuracy: loss, lse, accuracy in that order).  The other keywords are those of a TypedDict (xlsce/_typing.py), so
 # that a keyword added to the function is added once there (tests/test_types.py checks both agree).
 @overload
 def cross_entropy(
-    logits: ArrayT, target: Array, /, *, return_lse: Literal[False] = ..., **keywords: Unpack[CallKeywords]
+    logits: ArrayT,
+    target: Array,
+    /,
+    *,
+    return_lse: Literal[False] = ...,
+    return_token_accuracy: Literal[False] = ...,
+    **keywords: Unpack[CallKeywords],
 ) -> ArrayT: ...
 @overload
 def cross_entropy(
-    logits: ArrayT, target: Array, /, *, return_lse: Literal[True], **keywords: Unpack[CallKeywords]
+    logits: ArrayT,
+    target: Array,
+    /,
+    *,
+    return_lse: Literal[True],
+    return_token_accuracy: Literal[False] = ...,
+    **keywords: Unpack[CallKeywords],
 ) -> tuple[ArrayT, ArrayT]: ...
 @overload
 def cross_entropy(
-    logits: ArrayT, target: Array, /, *, return_lse: bool, **keywords: Unpack[CallKeywords]
-) -> ArrayT | tuple[ArrayT, ArrayT]: ...
+    logits: ArrayT,
+    target: Array,
+    /,
+    *,
+    return_lse: Literal[False] = ...,
+    return_token_accuracy: Literal[True],
+    **keywords: Unpack[CallKeywords],
+) -> tuple[ArrayT, ArrayT]: ...
+@overload
+def cross_entropy(
+    logits: ArrayT,
+    target: Array,
+    /,
+    *,
+    return_lse: Literal[True],
+    return_token_accuracy: Literal[True],
+    **keywords: Unpack[CallKeywords],
+) -> tuple[ArrayT, ArrayT, ArrayT]: ...
+@overload
+def cross_entropy(
+    logits: ArrayT,
+    target: Array,
+    /,
+    *,
+    return_lse: bool = ...,
+    return_token_accuracy: bool = ...,
+    **keywords: Unpack[CallKeywords],
+) -> ArrayT | tuple[ArrayT, ...]: ...
 
 
 def cross_entropy(
@@ -80,8 +118,9 @@ def cross_entropy(
     z_loss: float | Array = 0.0,
     softcap: float | None = None,
     return_lse: bool = False,
+    return_token_accuracy: bool = False,
     denominator: Array | float | None = None,
-) -> ArrayT | tuple[ArrayT, ArrayT]:
+) -> ArrayT | tuple[ArrayT, ...]:
     r"""Softmax cross-entropy with label smoothing, class weights and masking.
 
     For one position with logits :math:`z \in \mathbb{R}^K` (along ``axis``),
@@ -165,10 +204,20 @@ def cross_entropy(
         then :math:`\sum_i m_i \ell_i / D` (the gradient likewise), with every per-position term divided
         by it, z-loss included; 0 where :math:`D = 0`.  Only with ``reduction="mean"`` (a ValueError
         otherwise).  An array is never read back under tracing or off the host.
+      return_token_accuracy: also return the token accuracy (Liger-Kernel's
+        ``return_token_accuracy``): :math:`a_i = [\operatorname{argmax}_c z_c = y_i]` at the
+        positions that count (0 at ignored or masked ones), over the (capped) logits; ties go to
+        the first maximum, as ``argmax``.  For ``"sum"``/``"mean"`` the fraction
+        :math:`\sum_i a_i / \#\{i \text{ counted}\}` (unweighted by ``weight``; 0 when nothing
+        counts), a 0-d array; for ``"none"`` the 0/1 values :math:`a_i`.  Float32 (float64 for
+        float64 logits); no gradient flows through it.  Class indices only: with probability
+        targets it raises ValueError.  It costs one ``argmax`` over the logits.
 
     Returns:
       The loss: a scalar for ``"sum"``/``"mean"``, the positions' shape for ``"none"``;
-      with ``return_lse=True`` the pair ``(loss, lse)``, ``lse`` of the positions' shape.
+      with ``return_lse=True`` the pair ``(loss, lse)``, ``lse`` of the positions' shape;
+      with ``return_token_accuracy=True`` the accuracy after them: ``(loss, accuracy)`` or
+      ``(loss, lse, accuracy)``.
 
     Raises:
       TypeError, ValueError: on bad input, before any computation.  Class indices
@@ -208,11 +257,17 @@ def cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
         return_lse=return_lse,
+        return_token_accuracy=return_token_accuracy,
     )
     if denominator is None:
-        return ops.loss(cfg, logits, target, weight, where)
-    d = _checks.check_denominator(ops, denominator, cfg.reduction)
-    return _over(ops, ops.loss(cfg._replace(reduction="sum"), logits, target, weight, where), d)
+        out = ops.loss(cfg, logits, target, weight, where)
+    else:
+        d = _checks.check_denominator(ops, denominator, cfg.reduction)
+        out = _over(ops, ops.loss(cfg._replace(reduction="sum"), logits, target, weight, where), d)
+    if not cfg.return_token_accuracy:
+        return out
+    accuracy = ops.token_accuracy(cfg, logits, target, where)
+    return (*out, accuracy) if cfg.return_lse else (out, accuracy)
 
 
 def value_and_grad(
@@ -309,6 +364,7 @@ def linear_cross_entropy(
     /,
     *,
     return_lse: Literal[False] = ...,
+    return_token_accuracy: Literal[False] = ...,
     **keywords: Unpack[LinearCallKeywords],
 ) -> ArrayT: ...
 @overload
@@ -319,6 +375,7 @@ def linear_cross_entropy(
     /,
     *,
     return_lse: Literal[True],
+    return_token_accuracy: Literal[False] = ...,
     **keywords: Unpack[LinearCallKeywords],
 ) -> tuple[ArrayT, ArrayT]: ...
 @overload
@@ -328,9 +385,32 @@ def linear_cross_entropy(
     target: Array,
     /,
     *,
-    return_lse: bool,
+    return_lse: Literal[False] = ...,
+    return_token_accuracy: Literal[True],
     **keywords: Unpack[LinearCallKeywords],
-) -> ArrayT | tuple[ArrayT, ArrayT]: ...
+) -> tuple[ArrayT, ArrayT]: ...
+@overload
+def linear_cross_entropy(
+    hidden: ArrayT,
+    classifier: Array,
+    target: Array,
+    /,
+    *,
+    return_lse: Literal[True],
+    return_token_accuracy: Literal[True],
+    **keywords: Unpack[LinearCallKeywords],
+) -> tuple[ArrayT, ArrayT, ArrayT]: ...
+@overload
+def linear_cross_entropy(
+    hidden: ArrayT,
+    classifier: Array,
+    target: Array,
+    /,
+    *,
+    return_lse: bool = ...,
+    return_token_accuracy: bool = ...,
+    **keywords: Unpack[LinearCallKeywords],
+) -> ArrayT | tuple[ArrayT, ...]: ...
 
 
 def linear_cross_entropy(
@@ -350,8 +430,9 @@ def linear_cross_entropy(
     z_loss: float | Array = 0.0,
     softcap: float | None = None,
     return_lse: bool = False,
+    return_token_accuracy: bool = False,
     denominator: Array | float | None = None,
-) -> ArrayT | tuple[ArrayT, ArrayT]:
+) -> ArrayT | tuple[ArrayT, ...]:
     r"""Cross-entropy of a linear classifier, without ever building the full logits.
 
     The value and gradients are those of
@@ -395,11 +476,17 @@ def linear_cross_entropy(
         for "sum"/"mean" are accumulated during the forward pass for the loss
         alone, a backward that receives a nonzero lse cotangent recomputes the
         chunks (one more pass; a detached or unused lse costs nothing).
+      return_token_accuracy: also return the token accuracy, as :func:`cross_entropy` does
+        (argmax of the (capped) logits == target at the counted positions, first maximum at
+        ties; the fraction for "sum"/"mean", 0 when nothing counts; 0/1 per position for
+        "none"; float32, float64 for float64 inputs; not differentiable), taken chunk by chunk
+        from the logits the loss builds: no extra matrix product.
 
     Returns:
       The loss, in the dtype of ``hidden``: a scalar for ``"sum"``/``"mean"``,
       ``hidden.shape[:-1]`` for ``"none"``; with ``return_lse=True`` the pair
-      ``(loss, lse)``, ``lse`` of shape ``hidden.shape[:-1]``.
+      ``(loss, lse)``, ``lse`` of shape ``hidden.shape[:-1]``; with
+      ``return_token_accuracy=True`` the accuracy after them.
 
     Example:
       >>> import numpy as np
@@ -433,6 +520,7 @@ def linear_cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
         return_lse=return_lse,
+        return_token_accuracy=return_token_accuracy,
     )
     if denominator is None:
         return ops.linear_loss(cfg, chunk, hidden, classifier, bias, target, weight, where)
@@ -479,12 +567,12 @@ def linear_value_and_grad(
     ops, cfg, chunk = _checks.validate_linear(
         hidden, classifier, bias, target, weight, where, chunk_size=chunk_size, **settings
     )
-    if (
-        cotangent is not None
-        and cfg.reduction == "none"
-        and tuple(getattr(cotangent, "shape", ())) != tuple(target.shape)
-    ):
-        raise ValueError("cotangent must have the shape of the per-position loss (target.shape) for reduction='none'")
+    positions = tuple(hidden.shape[:-1]) + tuple(classifier.shape[1:-1])
+    if cotangent is not None and cfg.reduction == "none" and tuple(getattr(cotangent, "shape", ())) != positions:
+        raise ValueError(
+            f"cotangent must have the shape of the per-position loss {positions} for reduction='none' "
+            "(hidden.shape[:-1] + classifier.shape[1:-1])"
+        )
     need = (True, True, bias is not None)
     d = None
     if denominator is not None:

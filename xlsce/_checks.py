@@ -189,6 +189,17 @@ def _check_lse(return_lse):
     return return_lse
 
 
+def _check_accuracy(return_token_accuracy, soft):
+    """``return_token_accuracy``: a bool, and only for class indices (a probability target has no class to hit)."""
+    if return_token_accuracy is not False and return_token_accuracy is not True:
+        raise TypeError(f"return_token_accuracy must be a bool, got {type(return_token_accuracy).__name__}")
+    if return_token_accuracy and soft:
+        raise ValueError(
+            "return_token_accuracy needs integer class indices (argmax == target); got probability targets"
+        )
+    return return_token_accuracy
+
+
 def validate(
     logits,
     target,
@@ -203,6 +214,7 @@ def validate(
     z_loss=0.0,
     softcap=None,
     return_lse=False,
+    return_token_accuracy=False,
 ):
     """Check every argument; return ``(ops, Config)``, ``ops`` the backend of the call."""
     if logits is None or target is None:
@@ -281,6 +293,9 @@ def validate(
         z_loss=z_loss,
         softcap=softcap,
         return_lse=return_lse if return_lse is False else _check_lse(return_lse),
+        return_token_accuracy=return_token_accuracy
+        if return_token_accuracy is False
+        else _check_accuracy(return_token_accuracy, soft),
     )
     return ops, cfg
 
@@ -350,11 +365,13 @@ def validate_linear(
     z_loss=0.0,
     softcap=None,
     return_lse=False,
+    return_token_accuracy=False,
 ):
     """Check the arguments of ``linear_cross_entropy``; return ``(ops, Config, chunk)``.
 
-    ``hidden`` is (..., H), ``classifier`` (V, H), ``bias`` and ``weight`` (V,),
-    ``target`` and ``where`` (...): the positions are ``hidden.shape[:-1]``.
+    ``hidden`` is (..., H), ``classifier`` (V, H) or (V, d_1, ..., d_K, H), ``bias`` (V, d_1, ..., d_K),
+    ``weight`` (V,); the positions are ``hidden.shape[:-1] + (d_1, ..., d_K)``: ``target`` has their shape
+    (class indices) or ``hidden.shape[:-1] + (V, d_1, ..., d_K)`` (probabilities), ``where`` their shape.
     """
     from . import _linear
 
@@ -384,11 +401,13 @@ def validate_linear(
     if hidden.ndim < 1:
         raise ValueError("hidden must have shape (..., H) with at least one dimension, got a 0-d array")
     width = hidden.shape[-1]
-    positions = tuple(hidden.shape[:-1])
-    if classifier.ndim != 2 or classifier.shape[1] != width:
+    if classifier.ndim < 2 or classifier.shape[-1] != width:
         raise ValueError(
-            f"classifier must have shape (V, {width}) (V classes, H = hidden.shape[-1]), got {tuple(classifier.shape)}"
+            f"classifier must have shape (V, {width}) or (V, d_1, ..., d_K, {width}) (V classes, H = hidden.shape[-1]), "
+            f"got {tuple(classifier.shape)}"
         )
+    out_dims = tuple(classifier.shape[1:-1])
+    positions = tuple(hidden.shape[:-1]) + out_dims
     if classifier.dtype != hidden.dtype:
         raise TypeError(f"classifier must have the dtype of hidden ({hidden.dtype}), got {classifier.dtype}")
     k = classifier.shape[0]
@@ -397,20 +416,28 @@ def validate_linear(
     if bias is not None:
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
-        if tuple(bias.shape) != (k,):
-            raise ValueError(f"bias must have shape ({k},) (one per class), got {tuple(bias.shape)}")
+        if tuple(bias.shape) != (k, *out_dims):
+            raise ValueError(f"bias must have shape {(k, *out_dims)} (classifier.shape[:-1]), got {tuple(bias.shape)}")
 
-    if target.dtype in ops.floats:
+    soft = target.dtype in ops.floats
+    if soft:
+        logits_shape = tuple(hidden.shape[:-1]) + (k, *out_dims)
+        if tuple(target.shape) != logits_shape:
+            raise ValueError(
+                f"target of class probabilities must have the logits' shape {logits_shape} "
+                f"(hidden.shape[:-1] + classifier.shape[:-1]), got {tuple(target.shape)}"
+            )
+        if ignore_index is not None and ignore_index >= 0:
+            raise ValueError(
+                "ignore_index is not supported with probability targets (use where= to mask positions); "
+                f"got ignore_index={ignore_index}"
+            )
+    elif target.dtype not in ops.ints:
+        raise TypeError(f"target must hold integer class indices or floating probabilities, got dtype {target.dtype}")
+    elif tuple(target.shape) != positions:
         raise ValueError(
-            "linear_cross_entropy takes class indices only: probability targets have the shape of the (N, V) "
-            "logits that it avoids building; use cross_entropy(hidden @ classifier.T, target) instead"
-        )
-    if target.dtype not in ops.ints:
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
-    if tuple(target.shape) != positions:
-        raise ValueError(
-            f"target must have the shape of hidden without its last axis {positions}, got {tuple(target.shape)} "
-            f"(hidden {tuple(hidden.shape)})"
+            f"target of class indices must have the positions' shape {positions} "
+            f"(hidden.shape[:-1] + classifier.shape[1:-1]), got {tuple(target.shape)} (hidden {tuple(hidden.shape)})"
         )
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
@@ -423,12 +450,13 @@ def validate_linear(
 
     _check_weight_where(ops, weight, where, k, positions)
 
-    ignore_index = _check_indices(ops, target, k, ignore_index, where)
+    if not soft:
+        ignore_index = _check_indices(ops, target, k, ignore_index, where)
 
-    n = math.prod(positions)
+    n = math.prod(hidden.shape[:-1])  # rows of hidden: a chunk's logits are (rows, V * d_1 * ... * d_K)
     if chunk_size is None:
         itemsize = 8 if ops.compute[hidden.dtype] == xp.float64 else 4
-        chunk = _linear.default_chunk_size(n, k, itemsize)
+        chunk = _linear.default_chunk_size(n, k * math.prod(out_dims), itemsize)
     else:
         chunk = max(1, min(int(chunk_size), n))
     cfg = Config(
@@ -436,11 +464,12 @@ def validate_linear(
         eps=eps,
         exclusive=smoothing == "exclusive",
         reduction=reduction,
-        ignore_index=None if ignore_index is None else int(ignore_index),
-        soft=False,
+        ignore_index=None if soft or ignore_index is None else int(ignore_index),
+        soft=soft,
         z_loss=z_loss,
         softcap=softcap,
         return_lse=_check_lse(return_lse),
+        return_token_accuracy=_check_accuracy(return_token_accuracy, soft),
     )
     return ops, cfg, chunk
 

@@ -34,6 +34,8 @@ accumulates dW in row slices of at most CHUNK_BYTES, in place: its ``ops.addmm``
 
 from __future__ import annotations
 
+import math
+
 from . import _math
 from ._types import Config
 
@@ -56,16 +58,18 @@ def chunk_config(cfg: Config) -> Config:
 
 
 def denominator(ops, cfg, target, weight, where, dt):
-    """The 'mean' denominator D = sum_i m_i w[y_i] (0-d array of dtype dt)."""
+    """The 'mean' denominator D = sum_i m_i w[y_i] (0-d array of dtype dt); the number of counted positions
+    for probability targets (as PyTorch's mean over them)."""
     xp = ops.xp
     valid = _math.valid_positions(xp, cfg, target, where)
     dev = ops.device(target)
-    if weight is None:
+    if weight is None or cfg.soft:
         if valid is None:
-            return xp.asarray(float(target.shape[0]), dtype=dt, device=dev)
+            n = math.prod(target.shape) // (target.shape[1] if cfg.soft else 1)  # soft: (N, V[, D])
+            return xp.asarray(float(n), dtype=dt, device=dev)
         return xp.sum(xp.astype(valid, dt))
     y = target if valid is None else xp.where(valid, target, 0)
-    w_y = xp.take(xp.astype(weight, dt), y, axis=0)
+    w_y = ops.take_classes(xp.astype(weight, dt), y)  # y (N,) or (N, D)
     if valid is not None:
         w_y = xp.where(valid, w_y, 0.0)
     return xp.sum(w_y)
@@ -77,8 +81,9 @@ def chunk_step(ops, cfg, h, classifier, bias, target, weight, where, g, need, ac
     ``cfg`` is a :func:`chunk_config` (reduction "sum" or "none", axis 0).
     ``acc = (dW, db)`` are the accumulators of the previous chunks (None at the
     first; updated in place where the backend allows; ``ops.addmm``).  ``g_lse`` (the chunk's rows, optional) is the cotangent of
-    the reported log-sum-exp.  Returns ``(loss, lse, dh, dW, db)``: the loss,
-    the lse (None unless ``cfg.return_lse``) and the accumulators in the compute
+    the reported log-sum-exp.  Returns ``(loss, lse, hits, dh, dW, db)``: the loss,
+    the lse (None unless ``cfg.return_lse``), the token hits (``_math.token_hits`` of the
+    chunk's logits, None unless ``cfg.return_token_accuracy``) and the accumulators in the compute
     dtype, dh in the inputs' dtype; entries not needed are None.
 
     The logits are built transposed, ``W h_k^T`` of shape (V, rows) with the
@@ -103,18 +108,34 @@ def chunk_step(ops, cfg, h, classifier, bias, target, weight, where, g, need, ac
         z = z + b if work is None else ops.iadd(z, b)
     if z.dtype != dt:
         z = xp.astype(z, dt)
+    d = target.shape[-1] if target.ndim == (3 if cfg.soft else 2) else 1  # a K-dim classifier's d_1 * ... * d_K
+    if d > 1 or cfg.soft:  # the logits' columns in order (k, r): position r of the chunk, output k
+        z = xp.reshape(z, (z.shape[0] // d, d * rows))  # (V * D, rows) -> (V, D * rows), classes along axis 0
+        target = _columns(xp, target, cfg.soft)
+        where, g_lse = _columns(xp, where), _columns(xp, g_lse)
+        g = _columns(xp, g) if cfg.reduction == "none" else g
+    hits = _math.token_hits(ops, cfg, z, target, where) if cfg.return_token_accuracy else None
     dw, db = acc
     if work is not None and any(need) and g_lse is None:  # one pass: the loss and its gradient
-        loss, res, dz = _math.forward(ops, cfg, z, target, weight, where, g=g, grad_out=_reuse(work, "dz", rows, dt))
-        dz = _keep(work, "dz", dz)
+        # without smoothing, probability targets or a soft-cap, the pass reads the logits only to shift them
+        # (_math._eager_shift): the gradient can overwrite them, one (V, C) buffer less
+        in_place = cfg.eps == 0 and not cfg.soft and cfg.softcap is None
+        out = z if in_place else _reuse(work, "dz", d * rows, dt)
+        loss, res, dz = _math.forward(ops, cfg, z, target, weight, where, g=g, grad_out=out)
+        dz = dz if in_place else _keep(work, "dz", dz)
     else:
         loss, res = _math.forward(ops, cfg, z, target, weight, where)
     lse = _math.reported_lse(xp, cfg, res) if cfg.return_lse else None
+    if d > 1:  # per position back to (rows, D)
+        loss = _rows(xp, loss, rows) if cfg.reduction == "none" else loss
+        lse, hits = _rows(xp, lse, rows), _rows(xp, hits, rows)
     if not any(need):
-        return loss, lse, None, dw, db
+        return loss, lse, hits, None, dw, db
     if work is None or g_lse is not None:
         dz, _ = _math.backward(ops, cfg, z, target, weight, res, g, g_lse=g_lse)
     del z, res
+    if d > 1:
+        dz = xp.reshape(dz, (dz.shape[0] * d, rows))
     if need[2]:
         db = ops.iadd(db, xp.sum(dz, axis=1))
     if dz.dtype != in_dt:
@@ -122,7 +143,23 @@ def chunk_step(ops, cfg, h, classifier, bias, target, weight, where, g, need, ac
     dh = dz.T @ classifier if need[0] else None
     if need[1]:
         dw = ops.addmm(dw, dz, h)
-    return loss, lse, dh, dw, db
+    return loss, lse, hits, dh, dw, db
+
+
+def _columns(xp, x, soft=False):
+    """A chunk's per-position array, (rows,) or (rows, D), in the order of the logits' columns, k * rows + r:
+    (D * rows,); a probability target (rows, V) or (rows, V, D) as (V, D * rows).  None and numbers pass."""
+    if x is None or not hasattr(x, "ndim"):
+        return x
+    if soft:
+        v = x.shape[1]
+        return xp.permute_dims(x, (1, 0)) if x.ndim == 2 else xp.reshape(xp.permute_dims(x, (1, 2, 0)), (v, -1))
+    return x if x.ndim == 1 else xp.reshape(xp.permute_dims(x, (1, 0)), (-1,))
+
+
+def _rows(xp, x, rows):
+    """A per-column array (D * rows,) back to the chunk's positions (rows, D); None passes."""
+    return None if x is None else xp.permute_dims(xp.reshape(x, (-1, rows)), (1, 0))
 
 
 def _reuse(work, name, rows, dtype):
@@ -145,21 +182,21 @@ def _keep(work, name, buf):
 
 
 def eager_loop(ops, cfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse=None):
-    """Python loop over chunks.  Returns ``(total or per-position loss, lse or None, dh, dW, db)``."""
+    """Python loop over chunks.  Returns ``(total or per-position loss, lse or None, hits or None, dh, dW, db)``."""
     xp = ops.xp
     n, width = hidden.shape
     v = classifier.shape[0]
     dt = ops.compute[hidden.dtype]
     dev = ops.device(hidden)
-    losses, lses, dhs, dw, db, total = [], [], [], None, None, None
+    losses, lses, hits, dhs, dw, db, total = [], [], [], [], None, None, None
     work = {}  # the chunks' logits and gradient buffers, allocated by the first chunk
     for start in range(0, n, chunk):
         s = slice(start, min(start + chunk, n))
-        gs = g[s] if cfg.reduction == "none" else g
-        m = None if where is None else where[s]
-        gl = None if g_lse is None else g_lse[s]
-        loss, lse, dh, dw, db = chunk_step(
-            ops, cfg, hidden[s, :], classifier, bias, target[s], weight, m, gs, need, (dw, db), gl, work
+        gs = g[s, ...] if cfg.reduction == "none" else g
+        m = None if where is None else where[s, ...]
+        gl = None if g_lse is None else g_lse[s, ...]
+        loss, lse, hit, dh, dw, db = chunk_step(
+            ops, cfg, hidden[s, :], classifier, bias, target[s, ...], weight, m, gs, need, (dw, db), gl, work
         )
         if cfg.reduction == "none":
             losses.append(loss)
@@ -167,6 +204,8 @@ def eager_loop(ops, cfg, chunk, need, hidden, classifier, bias, target, weight, 
             total = ops.iadd(total, loss)
         if lse is not None:
             lses.append(lse)
+        if hit is not None:
+            hits.append(hit)
         if dh is not None:
             dhs.append(dh)
     empty = xp.zeros((0,), dtype=dt, device=dev)
@@ -175,6 +214,7 @@ def eager_loop(ops, cfg, chunk, need, hidden, classifier, bias, target, weight, 
     else:
         out = xp.zeros((), dtype=dt, device=dev) if total is None else total
     lse = (xp.concat(lses, axis=0) if lses else empty) if cfg.return_lse else None
+    hits = (xp.concat(hits, axis=0) if hits else empty) if cfg.return_token_accuracy else None
     if need[0]:
         dh = xp.concat(dhs, axis=0) if dhs else xp.zeros((0, width), dtype=hidden.dtype, device=dev)
     else:
@@ -183,7 +223,7 @@ def eager_loop(ops, cfg, chunk, need, hidden, classifier, bias, target, weight, 
         dw = xp.zeros((v, width), dtype=dt, device=dev)
     if need[2] and db is None:
         db = xp.zeros((v,), dtype=dt, device=dev)
-    return out, lse, dh, dw, db
+    return out, lse, hits, dh, dw, db
 
 
 def value_and_grads(
@@ -206,15 +246,21 @@ def value_and_grads(
     ``hidden`` is (N, H), ``classifier`` (V, H), ``bias`` (V,) or None, ``target``
     and ``where`` (N,).  ``cotangent`` defaults to 1 (ones for "none");
     ``cotangent_lse`` (N,), that of the reported lse, to none.  Returns
-    ``(loss, lse, grads)``: ``lse`` (N,) is None unless ``cfg.return_lse``;
+    ``(loss, lse, accuracy, grads)``: ``lse`` (N,) is None unless ``cfg.return_lse``, ``accuracy``
+    (as ``_math.accuracy_fraction`` reports it) None unless ``cfg.return_token_accuracy``;
     gradients not in ``need`` are None, the others come back in their input's dtype.
     """
     xp = ops.xp
     dt = ops.compute[hidden.dtype]
     dev = ops.device(hidden)
     ccfg = chunk_config(cfg)
+    w_shape, b_shape = tuple(classifier.shape), None if bias is None else tuple(bias.shape)
+    if classifier.ndim > 2:  # (V, d_1, ..., d_K, H) as (V * D, H), row c * D + k; the bias alike
+        classifier = xp.reshape(classifier, (-1, classifier.shape[-1]))
+        bias = None if bias is None else xp.reshape(bias, (-1,))
     if cfg.reduction == "none":
-        g = xp.ones(target.shape, dtype=dt, device=dev) if cotangent is None else xp.astype(cotangent, dt)
+        positions = (target.shape[0], *target.shape[2:]) if cfg.soft else target.shape
+        g = xp.ones(positions, dtype=dt, device=dev) if cotangent is None else xp.astype(cotangent, dt)
     else:
         g = 1.0 if cotangent is None else xp.astype(cotangent, dt)
         if cfg.reduction == "mean":
@@ -223,7 +269,10 @@ def value_and_grads(
             d = xp.where(empty, 1.0, d)
             g = xp.where(empty, 0.0, g / d)
     g_lse = None if cotangent_lse is None else xp.astype(cotangent_lse, dt)
-    out, lse, dh, dw, db = ops.chunk_loop(ccfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse)
+    out, lse, hits, dh, dw, db = ops.chunk_loop(
+        ccfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse
+    )
+    accuracy = None if hits is None else _math.accuracy_fraction(ops, cfg, hits, target, where)
     if cfg.reduction == "mean":
         out = xp.where(empty, 0.0, out / d)
     if out.dtype != hidden.dtype:
@@ -234,4 +283,8 @@ def value_and_grads(
         dw = xp.astype(dw, classifier.dtype)
     if db is not None and db.dtype != bias.dtype:
         db = xp.astype(db, bias.dtype)
-    return out, lse, (dh, dw, db)
+    if dw is not None and tuple(dw.shape) != w_shape:
+        dw = xp.reshape(dw, w_shape)
+    if db is not None and tuple(db.shape) != b_shape:
+        db = xp.reshape(db, b_shape)
+    return out, lse, accuracy, (dh, dw, db)

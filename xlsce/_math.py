@@ -204,7 +204,9 @@ def forward(ops, cfg: Config, logits, target, weight=None, where=None, g=None, g
             return _position_terms(ops, cfg, logits, target, y, wv, w_y, gs, out)
 
         blocks, out_dtype = (logits, soft_target, y, w_y, gs), logits.dtype
-    parts = ops.by_blocks(terms, blocks, blocked=ax != 0, out_dtype=out_dtype, first_is_block=g is not None, out=grad_out)
+    parts = ops.by_blocks(
+        terms, blocks, blocked=ax != 0, out_dtype=out_dtype, first_is_block=g is not None, out=grad_out
+    )
     dz, (loss, lse, coef, a_res, b, masked, lse_out) = (parts[0], parts[1:]) if g is not None else (None, parts)
 
     # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf); eager with the row sums
@@ -542,3 +544,40 @@ def _position_grad(ops, cfg: Config, logits, target, y, w, lse, alpha, beta, gam
         u = xp.tanh(xp.astype(logits, dt) / cfg.softcap)
         dz = ops.imul(dz, 1.0 - u * u)
     return dz
+
+
+def token_hits(ops, cfg: Config, logits, target, where):
+    """Per position, 1.0 where the argmax of the (capped) logits along ``cfg.axis`` is the target and the
+    position counts, else 0.0 (compute dtype, the positions' shape): Liger-Kernel's token accuracy.
+
+    Ties go to the first maximum (``argmax``'s rule on every backend).  No gradient flows through it."""
+    xp = ops.xp
+    dt = ops.compute[logits.dtype]
+    z = logits if cfg.softcap is None else capped_logits(ops, cfg, logits)
+    best = xp.argmax(z, axis=cfg.axis)
+    hit = xp.astype(target, best.dtype) == best  # the target in argmax's dtype: no wrap-around of a large index
+    valid = valid_positions(xp, cfg, target, where)
+    if valid is not None:
+        hit = xp.logical_and(hit, valid)
+    return xp.astype(hit, dt)
+
+
+def accuracy_fraction(ops, cfg: Config, hits, target, where):
+    """``hits`` as :func:`cross_entropy` reports them: as they are for "none", else the fraction of the counted
+    positions (``target``/``where``: which count) that are hits, a 0-d array, 0 when none counts."""
+    xp = ops.xp
+    if cfg.reduction == "none":
+        return hits
+    total = xp.sum(hits)
+    valid = valid_positions(xp, cfg, target, where)
+    if valid is None and None not in target.shape:
+        n = math.prod(target.shape)
+        return total / n if n else total  # no position: the sum of nothing, 0
+    n = xp.sum(xp.ones_like(hits) if valid is None else xp.astype(valid, hits.dtype))
+    nothing = n == 0
+    return xp.where(nothing, 0.0, total / xp.where(nothing, 1.0, n))
+
+
+def token_accuracy(ops, cfg: Config, logits, target, where):
+    """The reported token accuracy of :func:`xlsce.cross_entropy` (``return_token_accuracy``)."""
+    return accuracy_fraction(ops, cfg, token_hits(ops, cfg, logits, target, where), target, where)

@@ -31,6 +31,7 @@ class Config(NamedTuple):
     z_loss: float = 0.0
     softcap: float | None = None
     return_lse: bool = False  # also report the per-position log-sum-exp
+    return_token_accuracy: bool = False  # also report argmax == target (index targets)
 
     @property
     def smoothed(self):

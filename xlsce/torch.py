@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 try:
@@ -14,11 +15,12 @@ except ModuleNotFoundError as error:
     ) from error
 
 from . import cross_entropy
+from . import linear_cross_entropy as _linear_cross_entropy
 
 if TYPE_CHECKING:
     from ._typing import Reduction, Smoothing
 
-__all__ = ["CrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -110,3 +112,137 @@ class CrossEntropyLoss(torch.nn.Module):
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
             f"label_smoothing={self.label_smoothing}, smoothing={self.smoothing!r}"
         )
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    r"""Drop-in replacement for :class:`torch.nn.LinearCrossEntropyLoss`: a linear layer and the
+    cross-entropy of its logits, computed by :func:`xlsce.linear_cross_entropy` in chunks of positions,
+    so that the ``(N, C)`` logits never exist.
+
+    Computes ``cross_entropy(input @ W.T + b, target)`` with PyTorch's definitions (class axis 1,
+    the weighted mean over :math:`\sum_i w_{y_i}`), ``W`` the layer's weight viewed as
+    ``(num_classes, *out_features, in_features)``: with ``out_features = (d_1, ..., d_K)`` the logits
+    have shape ``(N, num_classes, d_1, ..., d_K)`` (a K-dimensional loss) and ``target`` has shape
+    ``(N, d_1, ..., d_K)`` (class indices) or the logits' shape (probabilities).
+
+    Same arguments, defaults and parameters as PyTorch's (``self.linear`` holds the weight and bias,
+    ``weight`` is a buffer), plus xlsce's ``smoothing``, ``z_loss``, ``softcap`` and ``chunk_size``.
+    Differences (deliberate): xlsce always chunks, with or without ``options`` and also with label
+    smoothing, class weights, probability targets and ``out_features`` (PyTorch's chunked path takes
+    none of these and falls back to the materialised logits, with a warning); ``options`` is accepted
+    for PyTorch's signature, and its ``batch_chunk_size``, if set, is the chunk size; the differences of
+    :class:`CrossEntropyLoss` (a mean over nothing is 0, ``label_smoothing < 0`` raises, out-of-range
+    class indices raise ValueError) hold here too.
+
+    Args:
+      in_features, num_classes: the linear layer's sizes.
+      out_features: ``(d_1, ..., d_K)`` for a K-dimensional loss (default ``()``).
+      bias: whether the layer has a bias.
+      device, dtype: of the layer's parameters.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"``.
+      weight: optional ``(num_classes,)`` class weights.
+      ignore_index: class index to ignore; None (the default) means -100, as in PyTorch.
+      label_smoothing: :math:`\varepsilon \in [0, 1]`.
+      options: a ``torch.nn.LinearCrossEntropyOptions`` or None (see above).
+      smoothing, z_loss, softcap: see :func:`xlsce.cross_entropy`.
+      chunk_size: rows per chunk (default: :func:`xlsce.linear_cross_entropy`'s rule).
+
+    Example:
+      >>> import torch
+      >>> import xlsce.torch
+      >>> loss_fn = xlsce.torch.LinearCrossEntropyLoss(8, 100, label_smoothing=0.1)
+      >>> loss_fn
+      LinearCrossEntropyLoss(
+        in_features=8, num_classes=100, label_smoothing=0.1
+        (linear): Linear(in_features=8, out_features=100, bias=False)
+      )
+      >>> loss = loss_fn(torch.randn(32, 8), torch.randint(0, 100, (32,)))
+      >>> loss.backward()
+      >>> loss_fn.linear.weight.grad.shape
+      torch.Size([100, 8])
+
+    References:
+      ``torch.nn.LinearCrossEntropyLoss`` and ``torch.nn.functional.linear_cross_entropy`` (PyTorch 2.13);
+      Wijmans et al., `Cut Your Losses in Large-Vocabulary Language Models
+      <https://arxiv.org/abs/2411.09009>`_, 2024.
+    """
+
+    def __init__(
+        self,
+        in_features,
+        num_classes,
+        *,
+        out_features=(),
+        bias=False,
+        device=None,
+        dtype=None,
+        reduction="mean",
+        weight=None,
+        ignore_index=None,
+        label_smoothing=0.0,
+        options=None,
+        smoothing="uniform",
+        z_loss=0.0,
+        softcap=None,
+        chunk_size=None,
+    ):
+        super().__init__()
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ValueError(f"weight must have shape ({num_classes},) (one per class), got {tuple(weight.shape)}")
+        out_features = tuple(out_features)
+        self.num_classes = num_classes
+        self.out_features = out_features
+        self.linear = torch.nn.Linear(
+            in_features, num_classes * math.prod(out_features), bias=bias, device=device, dtype=dtype
+        )
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.options = options
+        self.smoothing = smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+
+    def forward(self, input, target):
+        shape = (self.num_classes, *self.out_features)
+        classifier = self.linear.weight.reshape((*shape, self.linear.in_features))
+        bias = None if self.linear.bias is None else self.linear.bias.reshape(shape)
+        chunk_size = self.chunk_size
+        if chunk_size is None and self.options is not None:
+            chunk_size = getattr(self.options, "batch_chunk_size", None)
+        return _linear_cross_entropy(
+            input,
+            classifier,
+            target,
+            bias=bias,
+            weight=self.weight,
+            ignore_index=-100 if self.ignore_index is None else self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            smoothing=self.smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            chunk_size=chunk_size,
+        )
+
+    def extra_repr(self):
+        """``in_features`` and ``num_classes``, then every setting that differs from its default."""
+        parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}"]
+        settings = (
+            ("out_features", self.out_features, ()),
+            ("bias", self.linear.bias is not None, False),
+            ("reduction", self.reduction, "mean"),
+            ("ignore_index", self.ignore_index, None),
+            ("label_smoothing", self.label_smoothing, 0.0),
+            ("options", self.options, None),
+            ("smoothing", self.smoothing, "uniform"),
+            ("z_loss", self.z_loss, 0.0),
+            ("softcap", self.softcap, None),
+            ("chunk_size", self.chunk_size, None),
+        )
+        parts += [f"{name}={value!r}" for name, value, default in settings if value != default]
+        if self.weight is not None:
+            parts.append(f"weight=<tensor of shape {tuple(self.weight.shape)}>")
+        return ", ".join(parts)

@@ -269,6 +269,10 @@ class Generic:
         out, res = _math.forward(self, cfg, logits, target, weight, where)
         return (out, self.reported_lse(cfg, res, logits)) if cfg.return_lse else out
 
+    def token_accuracy(self, cfg, logits, target, where):
+        """The reported token accuracy (``return_token_accuracy``): no gradient flows through an argmax."""
+        return _math.token_accuracy(self, cfg, logits, target, where)
+
     def reported_lse(self, cfg, res, logits):
         lse = _math.reported_lse(self.xp, cfg, res)
         return lse if lse.dtype == logits.dtype else self.xp.astype(lse, logits.dtype)
@@ -286,28 +290,35 @@ class Generic:
 
     def linear_loss(self, cfg, chunk, hidden, classifier, bias, target, weight, where):
         """The loss (and the reported lse) of linear_cross_entropy, the positions flattened and restored."""
-        xp, shape = self.xp, tuple(target.shape)
-        h, t, m = _flatten(xp, hidden, target, where)
+        xp, shape = self.xp, _positions(cfg, hidden, classifier)
+        h, t, m = _flatten(xp, cfg, hidden, classifier, target, where)
         out = self.linear_loss_flat(cfg, chunk, h, classifier, bias, t, weight, m)
-        out, lse = out if cfg.return_lse else (out, None)
+        if not (cfg.return_lse or cfg.return_token_accuracy):
+            return xp.reshape(out, shape) if cfg.reduction == "none" else out
+        out, *rest = out  # lse, accuracy: per position, or the accuracy 0-d
         if cfg.reduction == "none":
             out = xp.reshape(out, shape)
-        return (out, xp.reshape(lse, shape)) if cfg.return_lse else out
+        if cfg.return_lse:
+            rest[0] = xp.reshape(rest[0], shape)
+        if cfg.return_token_accuracy and cfg.reduction == "none":
+            rest[-1] = xp.reshape(rest[-1], shape)
+        return (out, *rest)
 
     def linear_loss_flat(self, cfg, chunk, hidden, classifier, bias, target, weight, where):
-        """The loss, or ``(loss, lse)``, of flattened inputs (the frameworks' backends differentiate it)."""
+        """The loss, or ``(loss, lse)``, ``(loss, accuracy)``, ``(loss, lse, accuracy)``, of flattened inputs
+        (the frameworks' backends differentiate it)."""
         args = (self, cfg, hidden, classifier, bias, target, weight, where)
-        out, lse, _ = _linear.value_and_grads(*args, chunk=chunk, need=(False, False, False))
-        return (out, lse) if cfg.return_lse else out
+        out, lse, accuracy, _ = _linear.value_and_grads(*args, chunk=chunk, need=(False, False, False))
+        return linear_outputs(cfg, out, lse, accuracy)
 
     def linear_value_and_grads(self, cfg, chunk, hidden, classifier, bias, target, weight, where, *, need, cotangent):
         """``(loss, (dhidden, dclassifier, dbias))`` for the cotangent (default 1), without autodiff."""
-        xp, shape = self.xp, tuple(target.shape)
-        h, t, m = _flatten(xp, hidden, target, where)
+        xp, shape = self.xp, _positions(cfg, hidden, classifier)
+        h, t, m = _flatten(xp, cfg, hidden, classifier, target, where)
         if cotangent is not None and cfg.reduction == "none":
-            cotangent = xp.reshape(cotangent, (t.shape[0],))
+            cotangent = xp.reshape(cotangent, (h.shape[0], *t.shape[2 if cfg.soft else 1 :]))
         args = (self, cfg, h, classifier, bias, t, weight, m)
-        out, _, (dh, dw, db) = _linear.value_and_grads(*args, chunk=chunk, need=need, cotangent=cotangent)
+        out, _, _, (dh, dw, db) = _linear.value_and_grads(*args, chunk=chunk, need=need, cotangent=cotangent)
         if cfg.reduction == "none":
             out = xp.reshape(out, shape)
         if dh is not None:
@@ -344,10 +355,24 @@ class InPlace(Generic):
         return acc
 
 
-def _flatten(xp, hidden, target, where):
-    """hidden (..., H) -> (N, H); target and where (...) -> (N,)."""
-    n = math.prod(target.shape)
+def linear_outputs(cfg, out, lse, accuracy):
+    """What the loss returns: ``out``, then ``lse`` if ``cfg.return_lse``, then ``accuracy`` if
+    ``cfg.return_token_accuracy``; a tuple whenever more than the loss is asked for."""
+    extra = ((lse,) if cfg.return_lse else ()) + ((accuracy,) if cfg.return_token_accuracy else ())
+    return (out, *extra) if extra else out
+
+
+def _positions(cfg, hidden, classifier):
+    """The positions of linear_cross_entropy: hidden.shape[:-1] + classifier.shape[1:-1]."""
+    return tuple(hidden.shape[:-1]) + tuple(classifier.shape[1:-1])
+
+
+def _flatten(xp, cfg, hidden, classifier, target, where):
+    """hidden (..., H) -> (N, H); target and where (..., d_1, ..., d_K) -> (N,), or (N, D) for a K-dim
+    classifier; a probability target (..., V, d_1, ..., d_K) -> (N, V), or (N, V, D)."""
+    n = math.prod(hidden.shape[:-1])
+    out = (math.prod(classifier.shape[1:-1]),) if classifier.ndim > 2 else ()
     h = xp.reshape(hidden, (n, hidden.shape[-1]))
-    t = xp.reshape(target, (n,))
-    m = None if where is None else xp.reshape(where, (n,))
+    t = xp.reshape(target, (n, classifier.shape[0], *out) if cfg.soft else (n, *out))
+    m = None if where is None else xp.reshape(where, (n, *out))
     return h, t, m

@@ -108,13 +108,18 @@ class Jax(Generic):
         count = -(-n // chunk)
         pad = count * chunk - n
         dt = self.compute[hidden.dtype]
-        valid = jnp.ones((n,), dtype=bool) if where is None else where
+        positions = (n, *target.shape[2:]) if cfg.soft else target.shape  # (N,), or (N, D): a K-dim classifier
+        valid = jnp.ones(positions, dtype=bool) if where is None else where
+
+        def rows(x):  # (N, ...) -> (count, chunk, ...), the last chunk padded
+            return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(count, chunk, *x.shape[1:])
+
         xs = (
-            jnp.pad(hidden, ((0, pad), (0, 0))).reshape(count, chunk, width),
-            jnp.pad(target, (0, pad)).reshape(count, chunk),
-            jnp.pad(valid, (0, pad)).reshape(count, chunk),
-            jnp.pad(g, (0, pad)).reshape(count, chunk) if cfg.reduction == "none" else None,
-            None if g_lse is None else jnp.pad(g_lse, (0, pad)).reshape(count, chunk),
+            rows(hidden),
+            rows(target),
+            rows(valid),
+            rows(g) if cfg.reduction == "none" else None,
+            None if g_lse is None else rows(g_lse),
         )
         v = classifier.shape[0]
         init = (
@@ -127,18 +132,19 @@ class Jax(Generic):
             total, dw, db = carry
             h, t, m, gk, gl = x
             gk = g if gk is None else gk
-            loss, lse, dh, dw, db = _linear.chunk_step(
+            loss, lse, hits, dh, dw, db = _linear.chunk_step(
                 self, cfg, h, classifier, bias, t, weight, m, gk, need, (dw, db), gl
             )
             if cfg.reduction == "none":
-                return (total, dw, db), (loss, lse, dh)
-            return (total + loss, dw, db), (None, lse, dh)
+                return (total, dw, db), (loss, lse, hits, dh)
+            return (total + loss, dw, db), (None, lse, hits, dh)
 
-        (total, dw, db), (losses, lses, dhs) = jax.lax.scan(body, init, xs)
-        out = losses.reshape(count * chunk)[:n] if cfg.reduction == "none" else total
-        lse = None if lses is None else lses.reshape(count * chunk)[:n]
+        (total, dw, db), (losses, lses, hits, dhs) = jax.lax.scan(body, init, xs)
+        out = losses.reshape(count * chunk, *losses.shape[2:])[:n] if cfg.reduction == "none" else total
+        lse = None if lses is None else lses.reshape(count * chunk, *lses.shape[2:])[:n]
+        hits = None if hits is None else hits.reshape(count * chunk, *hits.shape[2:])[:n]
         dh = None if dhs is None else dhs.reshape(count * chunk, width)[:n]
-        return out, lse, dh, dw, db
+        return out, lse, hits, dh, dw, db
 
     # ------------------------------------------------------------------ entry points: custom_jvp / custom_vjp
 
@@ -290,19 +296,20 @@ def _linear_loss_fwd(ops, cfg, chunk, hidden, classifier, bias, target, weight, 
     bias, weight, where = (None if x is None else x.value for x in (bias, weight, where))
     args = (ops, cfg, hidden, classifier, bias, target, weight, where)
     forward_need = (False,) * 3 if cfg.reduction == "none" else need
-    out, lse, grads = _linear.value_and_grads(*args, chunk=chunk, need=forward_need)
+    out, lse, accuracy, grads = _linear.value_and_grads(*args, chunk=chunk, need=forward_need)
     inputs = args[2:] if cfg.reduction == "none" or cfg.return_lse else None
     # `need` travels in the residuals' structure (None = not needed): residuals must be arrays.
     flags = tuple(jnp.zeros((0,)) if f else None for f in need)
     grads = None if cfg.reduction == "none" else grads
     settings = None if settings is None else cfg.settings()
-    return ((out, lse) if cfg.return_lse else out), (inputs, flags, grads, settings)
+    return generic.linear_outputs(cfg, out, lse, accuracy), (inputs, flags, grads, settings)
 
 
 def _linear_loss_bwd(ops, cfg, chunk, saved, g):
     inputs, flags, grads, settings = saved
     cfg = cfg.with_settings(settings)
-    g, g_lse = g if cfg.return_lse else (g, None)
+    # the cotangents: the loss's, the lse's if cfg.return_lse, the accuracy's (not differentiable: ignored)
+    g, g_lse = (g[0], g[1] if cfg.return_lse else None) if cfg.return_lse or cfg.return_token_accuracy else (g, None)
     if isinstance(g_lse, SymbolicZero):
         g_lse = None
     if isinstance(g, SymbolicZero):
@@ -311,8 +318,14 @@ def _linear_loss_bwd(ops, cfg, chunk, saved, g):
         return (None,) * 7
     if grads is None or g_lse is not None:
         need = tuple(f is not None for f in flags)
-        _, _, grads = _linear.value_and_grads(
-            ops, cfg, *inputs, chunk=chunk, need=need, cotangent=g, cotangent_lse=g_lse
+        _, _, _, grads = _linear.value_and_grads(
+            ops,
+            cfg._replace(return_token_accuracy=False),
+            *inputs,
+            chunk=chunk,
+            need=need,
+            cotangent=g,
+            cotangent_lse=g_lse,
         )
     else:
         grads = tuple(None if x is None else (g * x).astype(x.dtype) for x in grads)

@@ -285,7 +285,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     With ``cfg.return_lse`` the outputs are ``(loss, lse)``; a backward that
     receives a cotangent for the lse recomputes the chunks (logging the lse
-    costs nothing; differentiating through it costs one more pass).
+    costs nothing; differentiating through it costs one more pass).  With
+    ``cfg.return_token_accuracy`` the token accuracy follows, not differentiable.
     """
 
     @staticmethod
@@ -296,17 +297,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         args = (ops, cfg, hidden, classifier, bias, target, weight, where)
         inputs = (hidden, classifier, bias, target, weight, where)
         if cfg.reduction == "none":
-            out, lse, _ = _linear.value_and_grads(*args, chunk=chunk, need=(False,) * 3)
+            out, lse, accuracy, _ = _linear.value_and_grads(*args, chunk=chunk, need=(False,) * 3)
             ctx.save_for_backward(*inputs)
         else:
-            out, lse, grads = _linear.value_and_grads(*args, chunk=chunk, need=need)
+            out, lse, accuracy, grads = _linear.value_and_grads(*args, chunk=chunk, need=need)
             # the inputs too (references, no copy): to recompute for an lse cotangent, and to tie a
             # create_graph gradient to them
             ctx.save_for_backward(*grads, *inputs)
-        return (out, lse) if cfg.return_lse else out
+        if accuracy is not None:
+            ctx.mark_non_differentiable(accuracy)
+        return generic.linear_outputs(cfg, out, lse, accuracy)
 
     @staticmethod
-    def backward(ctx, g, g_lse=None):
+    def backward(ctx, g, *extra):  # extra: the lse's cotangent if cfg.return_lse, then the accuracy's (ignored)
+        g_lse = extra[0] if ctx.cfg.return_lse else None
         if not torch.is_grad_enabled():  # the usual case: no create_graph
             return LinearCrossEntropyFunction._backward(ctx, g, g_lse)
         return _first_order_backward(LinearCrossEntropyFunction._backward, ctx, g, g_lse)
@@ -321,8 +325,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if g is None:
                 g = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
                 g = g.expand(target.shape) if cfg.reduction == "none" else g
-            args = (ctx.ops, cfg, hidden, classifier, bias, target, weight, where)
-            _, _, grads = _linear.value_and_grads(
+            args = (ctx.ops, cfg._replace(return_token_accuracy=False), hidden, classifier, bias, target, weight, where)
+            _, _, _, grads = _linear.value_and_grads(
                 *args, chunk=ctx.chunk, need=ctx.need, cotangent=g, cotangent_lse=g_lse
             )
         elif g is None:
