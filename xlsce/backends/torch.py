@@ -63,6 +63,7 @@ class Torch(InPlace):
 
     def __init__(self, xp, device, *, traced, on_cpu):
         super().__init__(xp, device, traced=traced, on_cpu=on_cpu)
+        self.compiling = traced  # the traced instance is torch.compile's (Functional's is torch.func's)
 
     @staticmethod
     def _dtypes(xp):
@@ -203,6 +204,7 @@ class Functional(Torch):
 
     def __init__(self, xp, device, *, on_cpu):
         super().__init__(xp, device, traced=True, on_cpu=on_cpu)
+        self.compiling = False
 
     def exp_(self, a):
         return a.exp()
@@ -346,8 +348,10 @@ class CrossEntropyFunction(torch.autograd.Function):
                 g = g.unsqueeze(cfg.axis)
             return None, None, None, tensors[0] * g, None, None, None
         res = Residuals(*_join(tensors, ctx.layout))
+        need_target = ctx.needs_input_grad[4]
+        ops = _backward_ops(ctx.ops)
         dlogits, dtarget = _math.backward(
-            _backward_ops(ctx.ops), cfg, logits, target, weight, res, g, need_target=ctx.needs_input_grad[4], g_lse=g_lse
+            ops, cfg, logits, target, weight, res, g, need_target=need_target, g_lse=g_lse
         )
         if dtarget is not None:
             dtarget = dtarget.to(target.dtype)
