@@ -160,6 +160,12 @@ class Torch(InPlace):
     # ------------------------------------------------------------------ entry points: autograd
 
     def loss(self, cfg, logits, target, weight, where):
+        if _autocast(logits):  # as torch's cross_entropy there, an autocast float32 op
+            with torch.autocast(logits.device.type, enabled=False):
+                return self._loss(cfg, *_float32(logits, target, weight), where)
+        return self._loss(cfg, logits, target, weight, where)
+
+    def _loss(self, cfg, logits, target, weight, where):
         if torch.is_grad_enabled() and (logits.requires_grad or target.requires_grad):
             fused = (  # the gradient from the forward's exponentials (CrossEntropyFunction)
                 self.fuse
@@ -175,6 +181,11 @@ class Torch(InPlace):
 
     def value_and_grad(self, cfg, logits, target, weight, where, cotangent):
         with torch.no_grad():
+            if _autocast(logits):  # the loss in float32, the gradient in the logits' dtype
+                with torch.autocast(logits.device.type, enabled=False):
+                    z, target, weight = _float32(logits, target, weight)
+                    out, dz = super().value_and_grad(cfg, z, target, weight, where, cotangent)
+                    return out, dz.to(logits.dtype)
             return super().value_and_grad(cfg, logits, target, weight, where, cotangent)
 
     def linear_loss_flat(self, cfg, chunk, hidden, classifier, bias, target, weight, where):
@@ -237,6 +248,17 @@ class Functional(Torch):
         index = index if index.dtype == torch.int64 else index.long()
         v = v if isinstance(v, torch.Tensor) else torch.full((), v, dtype=a.dtype, device=a.device)
         return a.scatter_add(axis, index, -(v.expand(index.shape)).to(a.dtype))
+
+
+def _autocast(x):
+    """Whether ``torch.autocast`` is on for ``x``'s device type (one cheap check when it is off anywhere)."""
+    return torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type)
+
+
+def _float32(*tensors):
+    """Half-precision floating tensors (None passes) converted to float32, as autocast does for its float32 ops
+    (float64 stays); the conversion is recorded by autograd, so gradients reach the half-precision inputs."""
+    return tuple(t.float() if t is not None and t.dtype in _HALF else t for t in tensors)
 
 
 # One backend object per mode, (on the CPU, compiling), made at import (which torch.compile runs untraced),
