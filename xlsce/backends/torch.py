@@ -16,6 +16,7 @@ from __future__ import annotations
 import types
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import _linear, _math
 from .._types import Residuals
@@ -279,7 +280,7 @@ def backend(x):
         return _INSTANCES[x.is_cpu, True]
     if _functorch_level() is not None:
         return _TRANSFORMED[x.is_cpu]
-    return _INSTANCES[x.is_cpu, False]
+    return _INSTANCES[x.is_cpu and not isinstance(x, FakeTensor), False]  # a fake tensor has no values to read
 
 
 def _backward_ops(ops):
