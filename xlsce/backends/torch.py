@@ -176,7 +176,8 @@ class Torch(InPlace):
                 and logits.numel() <= generic.SMALL_LOGITS
                 and logits.dtype in (torch.float32, torch.float64)
             )
-            out = CrossEntropyFunction.apply(self, cfg, fused, logits, target, weight, where)
+            apply = CrossEntropyFunction.apply if self.traced else _eager_apply(CrossEntropyFunction)
+            out = apply(self, cfg, fused, logits, target, weight, where)
             return (out[0], out[1]) if cfg.return_lse else out[0]
         return super().loss(cfg, logits, target, weight, where)  # the forward alone, no autograd bookkeeping
 
@@ -195,7 +196,8 @@ class Torch(InPlace):
         ):
             need = (hidden.requires_grad, classifier.requires_grad, bias is not None and bias.requires_grad)
             args = (self, cfg, chunk, need, hidden, classifier, bias, target, weight, where)
-            out = LinearCrossEntropyFunction.apply(*args)
+            apply = LinearCrossEntropyFunction.apply if self.traced else _eager_apply(LinearCrossEntropyFunction)
+            out = apply(*args)
             return (out[0], out[1]) if cfg.return_lse else out[0]
         with torch.no_grad():
             return super().linear_loss_flat(cfg, chunk, hidden, classifier, bias, target, weight, where)
@@ -299,6 +301,16 @@ def _backward_ops(ops):
 # numbers and flags of the residuals, and where the tensors go among them).
 
 _TENSOR = object()  # a tensor's place in a layout
+
+
+def _eager_apply(function):
+    """``function.apply`` without its per-call ``inspect.signature`` binding (tens of microseconds, for
+    Functions with a setup_context), where no transform is active and Dynamo does not trace (an eager
+    backend): torch's own ``apply`` then calls the same ``_FunctionBase.apply``, every argument positional."""
+    return _FUNCTION_BASE_APPLY.__get__(None, function)
+
+
+_FUNCTION_BASE_APPLY = torch._C._FunctionBase.__dict__["apply"]
 
 
 def _split(values):
