@@ -109,12 +109,13 @@ def flat_classes(logits, target, axis):
 _CHECKED = {}  # the settings already checked (with their types: True == 1), -> (eps, z_loss, softcap)
 
 
-def _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, classes):
+def _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, classes, cache=True):
     """Check the static settings shared by the losses; return (eps, z_loss, softcap) as floats.
 
     A small call spends most of its time in Python, so a combination of settings is checked once and
-    remembered (settings that cannot be hashed, e.g. a traced array, are checked and refused each time)."""
-    if hasattr(label_smoothing, "shape") or hasattr(z_loss, "shape"):  # an array: checked each call
+    remembered (settings that cannot be hashed, e.g. a traced array, are checked and refused each time).
+    Not under torch.compile (``cache=False``): Dynamo would guard on the cache and recompile as it grows."""
+    if not cache or hasattr(label_smoothing, "shape") or hasattr(z_loss, "shape"):  # an array: checked each call
         return _check_settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, classes)
     key = (label_smoothing, type(label_smoothing), smoothing, reduction, z_loss, type(z_loss), softcap)
     key += (type(softcap), ignore_index, type(ignore_index), k == 1)
@@ -252,7 +253,9 @@ def validate(
         raise ValueError(f"logits must have at least one class along axis {axis} (shape {tuple(logits.shape)})")
     positions = tuple(logits.shape[:axis]) + tuple(logits.shape[axis + 1 :])
 
-    eps, z_loss, softcap = _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "K")
+    eps, z_loss, softcap = _settings(
+        label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "K", cache=not ops.compiling
+    )
     if type(eps) is not float or type(z_loss) is not float:
         eps, z_loss = _array_settings(ops, logits, eps, z_loss)
 
@@ -444,7 +447,9 @@ def validate_linear(
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
-    eps, z_loss, softcap = _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "V")
+    eps, z_loss, softcap = _settings(
+        label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "V", cache=not ops.compiling
+    )
     if type(eps) is not float or type(z_loss) is not float:
         eps, z_loss = _array_settings(ops, hidden, eps, z_loss)
 

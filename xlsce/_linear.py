@@ -65,7 +65,10 @@ def denominator(ops, cfg, target, weight, where, dt):
     dev = ops.device(target)
     if weight is None or cfg.soft:
         if valid is None:
-            n = math.prod(target.shape) // (target.shape[1] if cfg.soft else 1)  # soft: (N, V[, D])
+            if not ops.eager:  # counted: a size read as a number would fix it (torch.compile(dynamic=True))
+                ones = xp.ones_like(target, dtype=dt)
+                return xp.sum(ones[:, 0, ...] if cfg.soft else ones)  # soft: (N, V[, D])
+            n = math.prod(target.shape) // (target.shape[1] if cfg.soft else 1)
             return xp.asarray(float(n), dtype=dt, device=dev)
         return xp.sum(xp.astype(valid, dt))
     y = target if valid is None else xp.where(valid, target, 0)
@@ -190,8 +193,10 @@ def eager_loop(ops, cfg, chunk, need, hidden, classifier, bias, target, weight, 
     dev = ops.device(hidden)
     losses, lses, hits, dhs, dw, db, total = [], [], [], [], None, None, None
     work = {}  # the chunks' logits and gradient buffers, allocated by the first chunk
-    for start in range(0, n, chunk):
-        s = slice(start, min(start + chunk, n))
+    # a count of chunks, not range(0, n, chunk): with a symbolic n (torch.compile(dynamic=True)) the count is
+    # what the graph depends on (1 wherever chunk == n), not n itself; slices clamp at n
+    for i in range(-(-n // chunk)):
+        s = slice(i * chunk, (i + 1) * chunk)
         gs = g[s, ...] if cfg.reduction == "none" else g
         m = None if where is None else where[s, ...]
         gl = None if g_lse is None else g_lse[s, ...]

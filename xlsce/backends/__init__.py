@@ -7,7 +7,8 @@
 
 :func:`backend` is the one place that asks array-api-compat (through ``_compat``, the only module
 that imports it) which library the arrays belong to; the answer depends on their types alone and
-is cached.  A framework's backend module, and so the framework, is imported the first time one of
+is cached (except under ``torch.compile``, whose Dynamo would guard on the cache and recompile whenever it
+grows; torch tensors are recognised there without array-api-compat's cached helpers, which Dynamo warns about).  A framework's backend module, and so the framework, is imported the first time one of
 its arrays is seen; it makes its backend objects (one per mode) when it is imported, which
 ``torch.compile`` runs untraced, so that a compiled call may be the first xlsce call of a process.
 """
@@ -28,6 +29,9 @@ def backend(*arrays):
 
     Raises TypeError for arrays of several libraries, or for something that is not an array.
     """
+    if _compat.compiling():  # no cache: Dynamo would guard on its contents, and recompile whenever it grows
+        present = [a for a in arrays if a is not None]
+        return _selector(present)(present[0])
     key = tuple(map(type, arrays))
     try:
         select = _SELECTORS[key]
@@ -41,6 +45,10 @@ def backend(*arrays):
 def _selector(arrays):
     if any(isinstance(a, (bool, int, float, complex)) for a in arrays):  # array_namespace skips Python numbers
         raise TypeError("Python numbers are not arrays")
+    if _compat.all_torch(arrays):  # first: torch.compile traces this, quietly without array_namespace
+        from . import torch
+
+        return torch.backend
     xp, x = _compat.array_namespace(*arrays), arrays[0]
     if _compat.is_numpy_namespace(xp):
         from .numpy import NumPy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from array_api_compat import (
     array_namespace,
     device,
@@ -13,7 +15,9 @@ from array_api_compat import (
 )
 
 __all__ = [
+    "all_torch",
     "array_namespace",
+    "compiling",
     "device",
     "is_dask_namespace",
     "is_jax_namespace",
@@ -29,3 +33,20 @@ def torch_namespace():
     import array_api_compat.torch
 
     return array_api_compat.torch
+
+
+# torch.compile's Dynamo traces the first call of a compiled function, selection included: the two helpers
+# below answer without array-api-compat's functools.lru_cache'd helpers (Dynamo warns about each one it
+# traces), and without importing torch.
+
+
+def compiling():
+    """Whether torch.compile's Dynamo is tracing this call (False where torch is not imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
+def all_torch(arrays):
+    """Whether every one of ``arrays`` is a torch tensor (False where torch is not imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and all(isinstance(a, torch.Tensor) for a in arrays)

@@ -36,6 +36,7 @@ class Generic:
     eager = False  # Python may read values (cheaply: on the host) to choose a path
     inplace = False  # xlsce's own buffers may be written in place
     blocks = False  # eager CPU: evaluate the per-position terms on cache-sized blocks
+    compiling = False  # a Python-level compiler traces the call (torch.compile): Python caches are not consulted
 
     def __init__(self, xp, device, *, traced=False, on_cpu=True):
         self.xp = xp

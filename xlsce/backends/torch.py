@@ -16,11 +16,12 @@ from __future__ import annotations
 import types
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .. import _linear, _math
 from .._types import Residuals
 from . import _compat, generic
-from .generic import InPlace
+from .generic import Generic, InPlace
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -63,6 +64,7 @@ class Torch(InPlace):
 
     def __init__(self, xp, device, *, traced, on_cpu):
         super().__init__(xp, device, traced=traced, on_cpu=on_cpu)
+        self.compiling = traced  # the traced instance is torch.compile's (Functional's is torch.func's)
 
     @staticmethod
     def _dtypes(xp):
@@ -159,19 +161,47 @@ class Torch(InPlace):
     # ------------------------------------------------------------------ entry points: autograd
 
     def loss(self, cfg, logits, target, weight, where):
+        if _autocast(logits):  # as torch's cross_entropy there, an autocast float32 op
+            with torch.autocast(logits.device.type, enabled=False):
+                return self._loss(cfg, *_float32(logits, target, weight), where)
+        return self._loss(cfg, logits, target, weight, where)
+
+    def _loss(self, cfg, logits, target, weight, where):
         if torch.is_grad_enabled() and (logits.requires_grad or target.requires_grad):
-            return CrossEntropyFunction.apply(self, cfg, logits, target, weight, where)
+            fused = (  # the gradient from the forward's exponentials (CrossEntropyFunction)
+                self.fuse
+                and logits.requires_grad
+                and not target.requires_grad
+                and not cfg.return_lse
+                and logits.numel() <= generic.SMALL_LOGITS
+                and logits.dtype in (torch.float32, torch.float64)
+            )
+            apply = CrossEntropyFunction.apply if self.traced else _eager_apply(CrossEntropyFunction)
+            out = apply(self, cfg, fused, logits, target, weight, where)
+            return (out[0], out[1]) if cfg.return_lse else out[0]
         return super().loss(cfg, logits, target, weight, where)  # the forward alone, no autograd bookkeeping
 
     def value_and_grad(self, cfg, logits, target, weight, where, cotangent):
         with torch.no_grad():
+            if _autocast(logits):  # the loss in float32, the gradient in the logits' dtype
+                with torch.autocast(logits.device.type, enabled=False):
+                    z, target, weight = _float32(logits, target, weight)
+                    out, dz = super().value_and_grad(cfg, z, target, weight, where, cotangent)
+                    return out, dz.to(logits.dtype)
             return super().value_and_grad(cfg, logits, target, weight, where, cotangent)
 
     def linear_loss_flat(self, cfg, chunk, hidden, classifier, bias, target, weight, where):
         if torch.is_grad_enabled() and (
             hidden.requires_grad or classifier.requires_grad or (bias is not None and bias.requires_grad)
         ):
-            return LinearCrossEntropyFunction.apply(self, cfg, chunk, hidden, classifier, bias, target, weight, where)
+            need = (hidden.requires_grad, classifier.requires_grad, bias is not None and bias.requires_grad)
+            args = (self, cfg, chunk, need, hidden, classifier, bias, target, weight, where)
+            apply = LinearCrossEntropyFunction.apply if self.traced else _eager_apply(LinearCrossEntropyFunction)
+            out = apply(*args)
+            lse = out[1] if cfg.return_lse else None
+            return generic.linear_outputs(
+                cfg, out[0], lse, out[1 + cfg.return_lse] if cfg.return_token_accuracy else None
+            )
         with torch.no_grad():
             return super().linear_loss_flat(cfg, chunk, hidden, classifier, bias, target, weight, where)
 
@@ -181,75 +211,189 @@ class Torch(InPlace):
             return super().linear_value_and_grads(*args, need=need, cotangent=cotangent)
 
 
-# One backend object per mode, (on the CPU, compiling), made at import (which torch.compile runs untraced).
+class Functional(Torch):
+    """Under torch.func's transforms (``vmap``, ``grad``, ``jacrev``, ``vjp``): traced (nothing read back:
+    ``.item()`` fails on a batched tensor) and out of place (an in-place update of an unbatched buffer by a
+    batched value, e.g. the cotangents that ``jacrev`` vmaps over, is not possible)."""
+
+    name = "torch (torch.func)"
+    inplace = False
+
+    def __init__(self, xp, device, *, on_cpu):
+        super().__init__(xp, device, traced=True, on_cpu=on_cpu)
+        self.compiling = False
+
+    def exp_(self, a):
+        return a.exp()
+
+    def subtract(self, a, b, out=None):
+        return a - b
+
+    def matmul(self, a, b, out=None):
+        return a @ b
+
+    def addmm(self, acc, a, b):
+        return Generic.addmm(self, acc, a, b)
+
+    def imul(self, a, b):
+        return a * b
+
+    def imul_ratio(self, a, num, den):
+        return a * (num / den)
+
+    def isub(self, a, b):
+        return a - b
+
+    def iadd(self, acc, x):
+        return x if acc is None else acc + x
+
+    def isub_product(self, a, u, v):
+        return a - u * v
+
+    def isub_at(self, a, index, v, axis):
+        index = index if index.dtype == torch.int64 else index.long()
+        v = v if isinstance(v, torch.Tensor) else torch.full((), v, dtype=a.dtype, device=a.device)
+        return a.scatter_add(axis, index, -(v.expand(index.shape)).to(a.dtype))
+
+
+def _autocast(x):
+    """Whether ``torch.autocast`` is on for ``x``'s device type (one cheap check when it is off anywhere)."""
+    return torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type)
+
+
+def _float32(*tensors):
+    """Half-precision floating tensors (None passes) converted to float32, as autocast does for its float32 ops
+    (float64 stays); the conversion is recorded by autograd, so gradients reach the half-precision inputs."""
+    return tuple(t.float() if t is not None and t.dtype in _HALF else t for t in tensors)
+
+
+# One backend object per mode, (on the CPU, compiling), made at import (which torch.compile runs untraced),
+# and one per device kind for torch.func's transforms.
 _INSTANCES = {
     (cpu, compiling): Torch(_namespace(_compat.torch_namespace()), _compat.device, traced=compiling, on_cpu=cpu)
     for cpu in (True, False)
     for compiling in (True, False)
 }
+_TRANSFORMED = {cpu: Functional(_INSTANCES[cpu, True].xp, _compat.device, on_cpu=cpu) for cpu in (True, False)}
+_functorch_level = torch._C._functorch.maybe_current_level  # None outside torch.func's transforms
 
 
 def backend(x):
-    """The backend for a call whose first array is ``x``: eager on the CPU, eager elsewhere, or compiling."""
-    return _INSTANCES[x.is_cpu, torch.compiler.is_compiling()]
+    """The backend for a call whose first array is ``x``: eager on the CPU, eager elsewhere, compiling, or
+    under a torch.func transform (any array of the call may be batched or wrapped: the level is asked)."""
+    if torch.compiler.is_compiling():
+        return _INSTANCES[x.is_cpu, True]
+    if _functorch_level() is not None:
+        return _TRANSFORMED[x.is_cpu]
+    return _INSTANCES[x.is_cpu and not isinstance(x, FakeTensor), False]  # a fake tensor has no values to read
+
+
+def _backward_ops(ops):
+    """The backend for a backward: the forward's, or the torch.func one where the backward itself runs under
+    a transform (``jacrev`` vmaps it over the cotangents, ``vmap(grad(f))``)."""
+    if ops.traced or _functorch_level() is None:
+        return ops
+    return _TRANSFORMED[ops.on_cpu]
 
 
 # --------------------------------------------------------------------------- autograd
+#
+# The Functions are in torch.func's form (``forward`` without ctx, ``setup_context``, ``generate_vmap_rule``),
+# so that torch.func.grad/jacrev/vjp and torch.vmap run them.  What the backward needs is returned by the
+# forward: the loss first, then tensors (marked non-differentiable), then one Python object (the Python
+# numbers and flags of the residuals, and where the tensors go among them).
+
+_TENSOR = object()  # a tensor's place in a layout
+
+
+def _eager_apply(function):
+    """``function.apply`` without its per-call ``inspect.signature`` binding (tens of microseconds, for
+    Functions with a setup_context), where no transform is active and Dynamo does not trace (an eager
+    backend): torch's own ``apply`` then calls the same ``_FunctionBase.apply``, every argument positional."""
+    return _FUNCTION_BASE_APPLY.__get__(None, function)
+
+
+_FUNCTION_BASE_APPLY = torch._C._FunctionBase.__dict__["apply"]
+
+
+def _split(values):
+    """``(tensors, layout)``: the tensors of ``values`` and ``values`` with ``_TENSOR`` in their place."""
+    return (
+        tuple(v for v in values if isinstance(v, torch.Tensor)),
+        tuple(_TENSOR if isinstance(v, torch.Tensor) else v for v in values),
+    )
+
+
+def _join(tensors, layout):
+    """The inverse of :func:`_split`."""
+    it = iter(tensors)
+    return [next(it) if v is _TENSOR else v for v in layout]
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     """``_math.forward`` and ``_math.backward``; only O(N) residuals are saved besides the inputs.
 
-    Small logits (at most ``SMALL_LOGITS`` elements, 256 KiB of float32; float32/float64, not compiling)
-    are the exception: there the cost is the number of operations, not their size, so the
-    forward pass computes the gradient for a unit cotangent from its own exponentials
-    (``_math.forward(g=1)``, a few more operations) and keeps it, and the backward only
-    scales it by the cotangent, instead of a second pass of about ten operations.
+    Small logits (at most ``SMALL_LOGITS`` elements, 256 KiB of float32; float32/float64, eager) are the
+    exception (``fused``, chosen by :meth:`Torch.loss`): there the cost is the number of operations, not
+    their size, so the forward pass computes the gradient for a unit cotangent from its own exponentials
+    (``_math.forward(g=1)``, a few more operations) and keeps it, and the backward only scales it by the
+    cotangent, instead of a second pass of about ten operations.
+
+    Outputs: the loss, the lse if ``cfg.return_lse``, the residual tensors, the residuals' layout.
     """
 
-    @staticmethod
-    def forward(ctx, ops, cfg, logits, target, weight, where):
-        ctx.ops, ctx.cfg = ops, cfg
-        ctx.fused = (
-            ops.fuse
-            and logits.numel() <= generic.SMALL_LOGITS
-            and logits.dtype in (torch.float32, torch.float64)
-            and ctx.needs_input_grad[2]
-            and not ctx.needs_input_grad[3]
-            and not cfg.return_lse
-        )
-        if ctx.fused:
-            out, _, dz = _math.forward(ops, cfg, logits, target, weight, where, g=1.0)
-            ctx.save_for_backward(dz, logits)  # the logits only to tie a create_graph gradient to them
-            return out
-        out, res = _math.forward(ops, cfg, logits, target, weight, where)
-        # Residuals are O(N) tensors or Python floats; save_for_backward takes tensors.
-        ctx.floats = [None if isinstance(r, torch.Tensor) else r for r in res]
-        tensors = [r if isinstance(r, torch.Tensor) else None for r in res]
-        ctx.save_for_backward(logits, target, weight, *tensors)
-        return (out, ops.reported_lse(cfg, res, logits)) if cfg.return_lse else out
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, g, g_lse=None):
+    def forward(ops, cfg, fused, logits, target, weight, where):
+        if fused:
+            out, _, dz = _math.forward(ops, cfg, logits, target, weight, where, g=1.0)
+            return out, dz, None  # the gradient for a unit cotangent; no layout
+        out, res = _math.forward(ops, cfg, logits, target, weight, where)
+        tensors, layout = _split(res)
+        lse = (ops.reported_lse(cfg, res, logits),) if cfg.return_lse else ()
+        return (out, *lse, *tensors, layout)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ops, cfg, fused, logits, target, weight, where = inputs
+        ctx.ops, ctx.cfg, ctx.fused, ctx.layout = ops, cfg, fused, output[-1]
+        saved = output[1 + cfg.return_lse : -1]
+        ctx.mark_non_differentiable(*saved)
+        ctx.set_materialize_grads(False)  # no zeros for the residuals' cotangents (nor the fused gradient's)
+        # the logits too where fused: only to tie a create_graph gradient to them
+        ctx.save_for_backward(*saved, logits, target, weight)
+
+    @staticmethod
+    def backward(ctx, g, *rest):
+        g_lse = rest[0] if ctx.cfg.return_lse else None
         if not torch.is_grad_enabled():  # the usual case: no create_graph
             return CrossEntropyFunction._backward(ctx, g, g_lse)
         return _first_order_backward(CrossEntropyFunction._backward, ctx, g, g_lse)
 
     @staticmethod
     def _backward(ctx, g, g_lse):
+        cfg = ctx.cfg
+        *tensors, logits, target, weight = ctx.saved_tensors
+        if g is None and g_lse is None:
+            return (None,) * 7
+        if g is None:  # only the lse is used
+            g = logits.new_zeros(())
+            if cfg.reduction == "none":
+                g = g.expand(tuple(s for i, s in enumerate(logits.shape) if i != cfg.axis))
         if ctx.fused:  # the gradient for a unit cotangent, kept by the forward; linear in the cotangent
-            dz = ctx.saved_tensors[0]
-            if ctx.cfg.reduction == "none":
-                g = g.unsqueeze(ctx.cfg.axis)
-            return None, None, dz * g, None, None, None
-        logits, target, weight, *tensors = ctx.saved_tensors
-        res = Residuals(*(t if f is None else f for t, f in zip(tensors, ctx.floats, strict=True)))
+            if cfg.reduction == "none":
+                g = g.unsqueeze(cfg.axis)
+            return None, None, None, tensors[0] * g, None, None, None
+        res = Residuals(*_join(tensors, ctx.layout))
+        need_target = ctx.needs_input_grad[4]
+        ops = _backward_ops(ctx.ops)
         dlogits, dtarget = _math.backward(
-            ctx.ops, ctx.cfg, logits, target, weight, res, g, need_target=ctx.needs_input_grad[3], g_lse=g_lse
+            ops, cfg, logits, target, weight, res, g, need_target=need_target, g_lse=g_lse
         )
         if dtarget is not None:
             dtarget = dtarget.to(target.dtype)
-        return None, None, dlogits, dtarget, None, None
+        return None, None, None, dlogits, dtarget, None, None
 
 
 def _first_order_backward(backward, ctx, g, g_lse):
@@ -268,9 +412,15 @@ def _first_order_backward(backward, ctx, g, g_lse):
 class _FirstOrderOnly(torch.autograd.Function):
     """The identity on a gradient, tied to the inputs it depends on, whose derivative raises."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, *inputs):
+    def forward(x, *inputs):
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, *grads):
@@ -286,31 +436,40 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     With ``cfg.return_lse`` the outputs are ``(loss, lse)``; a backward that
     receives a cotangent for the lse recomputes the chunks (logging the lse
     costs nothing; differentiating through it costs one more pass).  With
-    ``cfg.return_token_accuracy`` the token accuracy follows, not differentiable.
+    ``cfg.return_token_accuracy`` the token accuracy follows, not differentiable.  ``need`` (which of
+    hidden, classifier, bias need a gradient) is chosen by :meth:`Torch.linear_loss_flat`.
+
+    Outputs: the loss, the lse if ``cfg.return_lse``, the accuracy if ``cfg.return_token_accuracy``, the accumulated gradients, their layout.
     """
 
-    @staticmethod
-    def forward(ctx, ops, cfg, chunk, hidden, classifier, bias, target, weight, where):
-        need = (ctx.needs_input_grad[3], ctx.needs_input_grad[4], bias is not None and ctx.needs_input_grad[5])
-        ctx.ops, ctx.cfg, ctx.chunk, ctx.need = ops, cfg, chunk, need
-        ctx.set_materialize_grads(False)
-        args = (ops, cfg, hidden, classifier, bias, target, weight, where)
-        inputs = (hidden, classifier, bias, target, weight, where)
-        if cfg.reduction == "none":
-            out, lse, accuracy, _ = _linear.value_and_grads(*args, chunk=chunk, need=(False,) * 3)
-            ctx.save_for_backward(*inputs)
-        else:
-            out, lse, accuracy, grads = _linear.value_and_grads(*args, chunk=chunk, need=need)
-            # the inputs too (references, no copy): to recompute for an lse cotangent, and to tie a
-            # create_graph gradient to them
-            ctx.save_for_backward(*grads, *inputs)
-        if accuracy is not None:
-            ctx.mark_non_differentiable(accuracy)
-        return generic.linear_outputs(cfg, out, lse, accuracy)
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, g, *extra):  # extra: the lse's cotangent if cfg.return_lse, then the accuracy's (ignored)
-        g_lse = extra[0] if ctx.cfg.return_lse else None
+    def forward(ops, cfg, chunk, need, hidden, classifier, bias, target, weight, where):
+        args = (ops, cfg, hidden, classifier, bias, target, weight, where)
+        if cfg.reduction == "none":
+            out, lse, accuracy, grads = _linear.value_and_grads(*args, chunk=chunk, need=(False,) * 3)
+        else:
+            out, lse, accuracy, grads = _linear.value_and_grads(*args, chunk=chunk, need=need)
+        tensors, layout = _split(grads)
+        extra = ((lse,) if cfg.return_lse else ()) + ((accuracy,) if cfg.return_token_accuracy else ())
+        return (out, *extra, *tensors, layout)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ops, cfg, chunk, need, hidden, classifier, bias, target, weight, where = inputs
+        ctx.ops, ctx.cfg, ctx.chunk, ctx.need, ctx.layout = ops, cfg, chunk, need, output[-1]
+        grads = output[1 + cfg.return_lse : -1]  # the accuracy, if asked, and the gradients
+        ctx.mark_non_differentiable(*grads)
+        grads = grads[cfg.return_token_accuracy :]
+        ctx.set_materialize_grads(False)
+        # the inputs too (references, no copy): to recompute for an lse cotangent, and to tie a
+        # create_graph gradient to them
+        ctx.save_for_backward(*grads, hidden, classifier, bias, target, weight, where)
+
+    @staticmethod
+    def backward(ctx, g, *rest):  # rest: the lse's cotangent if cfg.return_lse, then the accuracy's (ignored)
+        g_lse = rest[0] if ctx.cfg.return_lse else None
         if not torch.is_grad_enabled():  # the usual case: no create_graph
             return LinearCrossEntropyFunction._backward(ctx, g, g_lse)
         return _first_order_backward(LinearCrossEntropyFunction._backward, ctx, g, g_lse)
@@ -319,18 +478,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def _backward(ctx, g, g_lse):
         cfg, saved = ctx.cfg, ctx.saved_tensors
         if g is None and g_lse is None:
-            return (None,) * 9
+            return (None,) * 10
         if cfg.reduction == "none" or g_lse is not None:
             hidden, classifier, bias, target, weight, where = saved[-6:]
             if g is None:
                 g = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
                 g = g.expand(target.shape) if cfg.reduction == "none" else g
-            args = (ctx.ops, cfg._replace(return_token_accuracy=False), hidden, classifier, bias, target, weight, where)
+            args = (_backward_ops(ctx.ops), cfg._replace(return_token_accuracy=False), hidden, classifier, bias)
+            args += (target, weight, where)
             _, _, _, grads = _linear.value_and_grads(
                 *args, chunk=ctx.chunk, need=ctx.need, cotangent=g, cotangent_lse=g_lse
             )
         elif g is None:
             grads = (None, None, None)
         else:
-            grads = tuple(None if x is None else (g * x).to(x.dtype) for x in saved[:3])
-        return None, None, None, *grads, None, None, None
+            grads = tuple(None if x is None else (g * x).to(x.dtype) for x in _join(saved[:-6], ctx.layout))
+        return None, None, None, None, *grads, None, None, None
