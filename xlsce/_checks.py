@@ -135,7 +135,7 @@ def _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_ind
 def _setting(name, value, *, low, high=None):
     """A Python float, or a 0-d floating array: read where its value is on the host (then a float, the
     fast path), else kept as an array whose range cannot be checked (traced: a smoothing schedule)."""
-    if not hasattr(value, "shape"):
+    if isinstance(value, (int, float)) or not hasattr(value, "shape"):  # (hasattr on a Dynamo SymFloat breaks the graph)
         return _number(name, value, low=low, high=high)
     if tuple(value.shape) != () or not _is_array(value):
         raise TypeError(f"{name} must be a Python float or a 0-d array, got shape {tuple(value.shape)}")
