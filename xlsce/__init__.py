@@ -221,11 +221,8 @@ def value_and_grad(
         z_loss=z_loss,
         softcap=softcap,
     )
-    if cotangent is not None and reduction == "none":
-        if not hasattr(cotangent, "shape") or tuple(cotangent.shape) != tuple(
-            s for i, s in enumerate(logits.shape) if i != cfg.axis
-        ):
-            raise ValueError("cotangent must have the shape of the per-position loss for reduction='none'")
+    positions = tuple(s for i, s in enumerate(logits.shape) if i != cfg.axis)
+    cotangent = _checks.check_cotangent(cotangent, cfg.reduction, positions)
     return ops.value_and_grad(cfg, logits, target, weight, where, cotangent)
 
 
@@ -355,12 +352,7 @@ def linear_value_and_grad(hidden, classifier, target, /, *, cotangent=None, bias
     ops, cfg, chunk = _checks.validate_linear(
         hidden, classifier, bias, target, weight, where, chunk_size=chunk_size, **settings
     )
-    if (
-        cotangent is not None
-        and cfg.reduction == "none"
-        and tuple(getattr(cotangent, "shape", ())) != tuple(target.shape)
-    ):
-        raise ValueError("cotangent must have the shape of the per-position loss (target.shape) for reduction='none'")
+    cotangent = _checks.check_cotangent(cotangent, cfg.reduction, tuple(target.shape))
     need = (True, True, bias is not None)
     return ops.linear_value_and_grads(
         cfg, chunk, hidden, classifier, bias, target, weight, where, need=need, cotangent=cotangent

@@ -146,7 +146,7 @@ def forward(ops, cfg: Config, logits, target, weight=None, where=None, g=None, g
     if valid is not None:
         valid = xp.expand_dims(valid, axis=ax)
     scale, d = _reduction_factor(ops, cfg, logits, valid, w_y, dt)
-    if w_y is not None and cfg.z_loss and cfg.reduction == "mean":
+    if cfg.reduction == "mean" and w_y is not None and cfg.z_loss:
         positions = tuple(logits.shape[:ax]) + tuple(logits.shape[ax + 1 :])
         cfg = cfg._replace(z_loss=z_loss_weight(ops, cfg, valid, d, dt, positions))
     soft_target = target if cfg.soft else None
@@ -174,7 +174,8 @@ def forward(ops, cfg: Config, logits, target, weight=None, where=None, g=None, g
     # operation, kept where its result is finite (else a loss term overflowed, a z-loss lse**2 say,
     # and `where` decides).
     res = Residuals(lse, lse_lo, coef, a_res, b, scale, y, masked, lse_out)
-    finite = not masked and (cfg.eps > 0 or cfg.soft) and ops.eager  # the row sums checked finite
+    # the row sums checked finite (every logit finite), and no lse**2 that may overflow
+    finite = not masked and (cfg.eps > 0 or cfg.soft) and ops.eager and not _has_z_loss(cfg)
     if valid is not None and finite and cfg.reduction != "none" and type(scale) is not float:
         out = xp.sum(loss * scale)
         if math.isfinite(ops.number(out)):

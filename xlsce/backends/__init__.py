@@ -40,6 +40,8 @@ def backend(*arrays):
 def _selector(arrays):
     if any(isinstance(a, (bool, int, float, complex)) for a in arrays):  # array_namespace skips Python numbers
         raise TypeError("Python numbers are not arrays")
+    if any(type(a).__module__.startswith("numpy.ma") for a in arrays):  # its mask would be ignored
+        raise TypeError("NumPy masked arrays are not taken (their mask would be ignored)")
     xp, x = _compat.array_namespace(*arrays), arrays[0]
     if _compat.is_numpy_namespace(xp):
         from .numpy import NumPy
