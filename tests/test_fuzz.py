@@ -125,7 +125,11 @@ def structures(draw, ci):
     axis = draw(st.integers(0, len(shape) - 1))
     k = shape[axis]
     soft = draw(st.booleans())
-    eps = draw(st.sampled_from([0.0, 1e-8, 0.5, 1.0, 0.1]) if ci else st.sampled_from([0.0, 1e-8, 0.5, 1.0]) | st.floats(0.0, 1.0))
+    eps = draw(
+        st.sampled_from([0.0, 1e-8, 0.5, 1.0, 0.1])
+        if ci
+        else st.sampled_from([0.0, 1e-8, 0.5, 1.0]) | st.floats(0.0, 1.0)
+    )
     if soft:
         tdtype, ignore_index = dtype, draw(st.sampled_from([None, -100]))
     else:
@@ -197,9 +201,7 @@ def make_case(structure, variant):
     where = None
     if st_["mask"] != "none":
         where = rng.random(positions) < 0.7 if st_["mask"] == "random" else np.zeros(positions, dtype=bool)
-    return dict(
-        st_, z=z, t=t, kind=kind, kw=dict(st_["kw"], weight=weight, where=where)
-    )
+    return dict(st_, z=z, t=t, kind=kind, kw=dict(st_["kw"], weight=weight, where=where))
 
 
 # ------------------------------------------------------------------------------------------ routes
@@ -371,12 +373,16 @@ def check(case):
     if kw["reduction"] == "none":
         tol = np.where(valid, tol_pos, 0.0)
     else:
-        tol = (np.maximum(fc, fz) * np.where(valid, tol_pos, 0.0)).sum() if kw["reduction"] == "mean" else (
-            np.where(valid, tol_pos, 0.0).sum()
+        tol = (
+            (np.maximum(fc, fz) * np.where(valid, tol_pos, 0.0)).sum()
+            if kw["reduction"] == "mean"
+            else (np.where(valid, tol_pos, 0.0).sum())
         )
     inf_ok = may_overflow if kw["reduction"] == "none" else may_overflow.any()
     per_bad = np.where(valid, ~np.isfinite(per), False)
-    gtol = 64 * u * (k + 4) * (np.abs((wq.sum(-1, keepdims=True) + 2 * kw["z_loss"] * lse_f[..., None]) * p) + np.abs(wq))
+    gtol = (
+        64 * u * (k + 4) * (np.abs((wq.sum(-1, keepdims=True) + 2 * kw["z_loss"] * lse_f[..., None]) * p) + np.abs(wq))
+    )
     gtol = gtol * np.maximum(fc, fz)[..., None] + 1e-300
     grad_rows = valid & ~per_bad & ~may_overflow
     grad_ok = grad_rows if kw["reduction"] == "none" else np.full(positions, not (per_bad | may_overflow).any())

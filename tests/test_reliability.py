@@ -13,9 +13,9 @@ import math
 
 import numpy as np
 import pytest
+from conftest import xp_assert_close
 
 import xlsce
-from conftest import xp_assert_close
 
 F32_ULP = 2.0**-24
 
@@ -100,7 +100,7 @@ def test_float32_gradient_precision_for_large_logits(backend, offset):
     z32 = (offset + 3 * rng.normal(size=(n, k))).astype(np.float32)
     y = rng.integers(0, k, size=n)
     _, g64, size = _reference(z32, y, 0.1)
-    for name, loss, g in _value_and_grads(backend, backend.asarray(z32), backend.asarray(y), label_smoothing=0.1):
+    for name, _, g in _value_and_grads(backend, backend.asarray(z32), backend.asarray(y), label_smoothing=0.1):
         err = np.abs(_np(g).astype(np.float64) - g64 / n) / (size / n)
         assert err.max() <= 4 * k * F32_ULP, (name, err.max())
 
@@ -152,9 +152,7 @@ def test_bad_class_weights_are_refused(backend, bad):
 def test_zero_class_weights_are_accepted(backend):
     z = backend.asarray(np.zeros((2, 3)))
     w = backend.asarray(np.array([1.0, 0.0, 1.0]))
-    assert float(_np(xlsce.cross_entropy(z, backend.asarray(np.array([0, 1])), weight=w))) == pytest.approx(
-        math.log(3)
-    )
+    assert float(_np(xlsce.cross_entropy(z, backend.asarray(np.array([0, 1])), weight=w))) == pytest.approx(math.log(3))
 
 
 @pytest.mark.parametrize("bad", [[1.5, -0.5, 0.0], [np.nan, 0.0, 1.0], [np.inf, 0.0, 0.0]])
@@ -203,7 +201,9 @@ def test_masked_positions_never_leak(backend, reduction, mask):
     every = backend.asarray(np.zeros(3, dtype=bool)) if mask == "where" else None
     yall = backend.asarray(np.full(3, -100)) if mask == "ignore_index" else y
     kw = {**kw, "where": every} if mask == "where" else kw
-    out = backend.jit(lambda z, y: xlsce.cross_entropy(z, y, **kw))(backend.asarray(np.full((3, 4), 3e38, np.float32)), yall)
+    out = backend.jit(lambda z, y: xlsce.cross_entropy(z, y, **kw))(
+        backend.asarray(np.full((3, 4), 3e38, np.float32)), yall
+    )
     np.testing.assert_array_equal(_np(out), 0.0)
 
 
@@ -326,8 +326,13 @@ def test_cotangent_is_validated(backend):
     z = backend.asarray(np.zeros((4, 3)))
     y = backend.asarray(np.array([0, 1, 2, 0]))
     h, c = backend.asarray(np.ones((4, 2))), backend.asarray(np.zeros((3, 2)))
-    for call in (lambda **kw: xlsce.value_and_grad(z, y, **kw), lambda **kw: xlsce.linear_value_and_grad(h, c, y, **kw)):
-        with pytest.raises(ValueError, match=r"cotangent must be a number or 0-d .* for reduction='mean', got shape \(4,\)"):
+    for call in (
+        lambda **kw: xlsce.value_and_grad(z, y, **kw),
+        lambda **kw: xlsce.linear_value_and_grad(h, c, y, **kw),
+    ):
+        with pytest.raises(
+            ValueError, match=r"cotangent must be a number or 0-d .* for reduction='mean', got shape \(4,\)"
+        ):
             call(cotangent=backend.asarray(np.ones(4)))
         with pytest.raises(TypeError, match="cotangent must be a real number or an array, got str"):
             call(cotangent="1")
@@ -366,7 +371,9 @@ def test_infinite_z_loss_is_refused(backend):
     with pytest.raises(ValueError, match="z_loss must be a finite float >= 0, got inf"):
         xlsce.cross_entropy(z, y, z_loss=math.inf)
     with pytest.raises(ValueError, match="z_loss must be a finite float"):
-        xlsce.linear_cross_entropy(backend.asarray(np.ones((2, 2))), backend.asarray(np.zeros((3, 2))), y, z_loss=math.inf)
+        xlsce.linear_cross_entropy(
+            backend.asarray(np.ones((2, 2))), backend.asarray(np.zeros((3, 2))), y, z_loss=math.inf
+        )
 
 
 def test_softcap_gradient_keeps_relative_accuracy(backend):

@@ -231,9 +231,7 @@ def _check_probabilities(ops, target):
                 raise ValueError(f"target of class probabilities must be finite and >= 0, got values in [{lo}, {hi}]")
     elif not ops.traced:
         xp = ops.xp
-        ops.require(
-            xp.all((target >= 0) & (target < xp.inf)), "target of class probabilities must be finite and >= 0"
-        )
+        ops.require(xp.all((target >= 0) & (target < xp.inf)), "target of class probabilities must be finite and >= 0")
 
 
 def check_cotangent(cotangent, reduction, positions):
@@ -252,7 +250,11 @@ def check_cotangent(cotangent, reduction, positions):
         raise TypeError(f"cotangent must be a real number or an array, got {type(cotangent).__name__}")
     want = positions if reduction == "none" else ()
     if tuple(cotangent.shape) != want:
-        what = f"of the per-position loss's shape {want}" if reduction == "none" else "a number or 0-d (the loss is a scalar)"
+        what = (
+            f"of the per-position loss's shape {want}"
+            if reduction == "none"
+            else "a number or 0-d (the loss is a scalar)"
+        )
         raise ValueError(f"cotangent must be {what} for reduction={reduction!r}, got shape {tuple(cotangent.shape)}")
     return cotangent
 
