@@ -157,10 +157,11 @@ def pytest_configure(config):
         config.addinivalue_line("markers", line)
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """A backend marker on a test that does not take the ``backend`` fixture would be ignored: an error instead.
     Tests marked ``fuzz`` (the long differential run) are deselected unless ``-m`` names that marker."""
-    if "fuzz" not in (config.option.markexpr or ""):
+    config = getattr(items[0], "config", None) if items else None
+    if config is not None and "fuzz" not in (config.option.markexpr or ""):
         fuzz = [item for item in items if item.get_closest_marker("fuzz")]
         if fuzz:
             config.hook.pytest_deselected(items=fuzz)
