@@ -158,7 +158,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """A backend marker on a test that does not take the ``backend`` fixture would be ignored: an error instead."""
+    """A backend marker on a test that does not take the ``backend`` fixture would be ignored: an error instead.
+    Tests marked ``fuzz`` (the long differential run) are deselected unless ``-m`` names that marker."""
+    config = getattr(items[0], "config", None) if items else None
+    if config is not None and "fuzz" not in (config.option.markexpr or ""):
+        fuzz = [item for item in items if item.get_closest_marker("fuzz")]
+        if fuzz:
+            config.hook.pytest_deselected(items=fuzz)
+            items[:] = [item for item in items if not item.get_closest_marker("fuzz")]
     for item in items:
         for name in MARKERS:
             for marker in item.iter_markers(name):

@@ -4,7 +4,8 @@ References, written here from the formulas and not from xlsce's code:
 
 * a NumPy float64 evaluation of
   ``l_i = -sum_c w_c q_ic log softmax(s tanh(x_i/s))_c + zeta lse_i^2`` with the
-  reductions of the docstring;
+  reductions of the docstring ("mean": the cross-entropy over sum_i m_i w[y_i], the z-loss
+  over the counted positions, as Liger's reference does);
 * the same formula written with torch ops (``log_softmax``, ``logsumexp``) and
   differentiated by torch autograd;
 * central finite differences of xlsce's own loss (so the analytic backward is
@@ -40,14 +41,14 @@ def ref_numpy(
         q = (1 - eps) * t + eps / (k - 1) * (1 - t)
     else:
         q = (1 - eps) * t + eps / k
-    loss = -(w * q * lp).sum(-1) + z_loss * lse**2
-    loss = np.where(m, loss, 0.0)
+    ce = np.where(m, -(w * q * lp).sum(-1), 0.0)
+    zl = np.where(m, z_loss * lse**2, 0.0)
     if reduction == "none":
-        return loss
+        return ce + zl
     if reduction == "sum":
-        return loss.sum()
-    d = (m * w[y0]).sum()
-    return 0.0 if d == 0 else loss.sum() / d
+        return (ce + zl).sum()
+    d = (m * w[y0]).sum()  # the cross-entropy's mean over sum m w[y]; the z-loss's over the counted positions
+    return 0.0 if d == 0 else ce.sum() / d + zl.sum() / m.sum()
 
 
 def test_zloss_hand_value():
@@ -152,13 +153,13 @@ def test_grad_matches_torch_autograd_of_naive_formula(case, reduction):
         eps = rk["eps"]
         q = (1 - eps) * t + (eps / (K - 1) * (1 - t) if rk["exclusive"] else eps / K)
         wt = torch.ones(K, dtype=torch.float64) if rk["weight"] is None else torch.from_numpy(w)
-        loss = -(wt * q * lp).sum(-1) + rk["z_loss"] * lse**2
-        loss = torch.where(m, loss, 0.0)
+        ce = torch.where(m, -(wt * q * lp).sum(-1), 0.0)
+        zl = torch.where(m, rk["z_loss"] * lse**2, 0.0)
         if reduction == "none":
-            return loss
+            return ce + zl
         if reduction == "sum":
-            return loss.sum()
-        return loss.sum() / (m * wt[y0]).sum()
+            return (ce + zl).sum()
+        return ce.sum() / (m * wt[y0]).sum() + zl.sum() / m.sum()  # the z-loss per counted position
 
     cot = np.random.default_rng(2).normal(size=(N,) if reduction == "none" else ())
     xt = torch.tensor(x, requires_grad=True)

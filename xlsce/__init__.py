@@ -341,11 +341,8 @@ def value_and_grad(
         z_loss=z_loss,
         softcap=softcap,
     )
-    if cotangent is not None and reduction == "none":
-        if not hasattr(cotangent, "shape") or tuple(cotangent.shape) != tuple(
-            s for i, s in enumerate(logits.shape) if i != cfg.axis
-        ):
-            raise ValueError("cotangent must have the shape of the per-position loss for reduction='none'")
+    positions = tuple(s for i, s in enumerate(logits.shape) if i != cfg.axis)
+    cotangent = _checks.check_cotangent(cotangent, cfg.reduction, positions)
     if denominator is None:
         out, grad = ops.value_and_grad(cfg, logits, target, weight, where, cotangent)
     else:
@@ -567,12 +564,8 @@ def linear_value_and_grad(
     ops, cfg, chunk = _checks.validate_linear(
         hidden, classifier, bias, target, weight, where, chunk_size=chunk_size, **settings
     )
-    positions = tuple(hidden.shape[:-1]) + tuple(classifier.shape[1:-1])
-    if cotangent is not None and cfg.reduction == "none" and tuple(getattr(cotangent, "shape", ())) != positions:
-        raise ValueError(
-            f"cotangent must have the shape of the per-position loss {positions} for reduction='none' "
-            "(hidden.shape[:-1] + classifier.shape[1:-1])"
-        )
+    positions = tuple(hidden.shape[:-1]) + tuple(classifier.shape[1:-1])  # hidden.shape[:-1] + classifier.shape[1:-1]
+    cotangent = _checks.check_cotangent(cotangent, cfg.reduction, positions)
     need = (True, True, bias is not None)
     d = None
     if denominator is not None:

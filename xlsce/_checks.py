@@ -106,6 +106,16 @@ def flat_classes(logits, target, axis):
     return move(logits), target, -1, restore
 
 
+def _not_an_array(name, value):
+    """The TypeError for an argument that is not an array xlsce takes."""
+    if type(value).__module__.startswith("numpy.ma"):
+        return TypeError(
+            f"{name} is a NumPy masked array, whose mask xlsce would ignore: pass np.ma.getdata({name}) and "
+            "mask the positions with where= (True where a position counts)"
+        )
+    return TypeError(f"{name} must be an array of an array-API library, got {type(value).__name__}")
+
+
 _CHECKED = {}  # the settings already checked (with their types: True == 1), -> (eps, z_loss, softcap)
 
 
@@ -135,7 +145,9 @@ def _settings(label_smoothing, smoothing, reduction, z_loss, softcap, ignore_ind
 def _setting(name, value, *, low, high=None):
     """A Python float, or a 0-d floating array: read where its value is on the host (then a float, the
     fast path), else kept as an array whose range cannot be checked (traced: a smoothing schedule)."""
-    if isinstance(value, (int, float)) or not hasattr(value, "shape"):  # (hasattr on a Dynamo SymFloat breaks the graph)
+    if isinstance(value, (int, float)) or not hasattr(
+        value, "shape"
+    ):  # (hasattr on a Dynamo SymFloat breaks the graph)
         return _number(name, value, low=low, high=high)
     if tuple(value.shape) != () or not _is_array(value):
         raise TypeError(f"{name} must be a Python float or a 0-d array, got shape {tuple(value.shape)}")
@@ -171,6 +183,8 @@ def _check_settings(label_smoothing, smoothing, reduction, z_loss, softcap, igno
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     z_loss = _setting("z_loss", z_loss, low=0.0)
+    if type(z_loss) is float and z_loss == float("inf"):
+        raise ValueError("z_loss must be a finite float >= 0, got inf")
     if softcap is not None:
         softcap = _number("softcap", softcap, low=0.0)
         if softcap == 0 or softcap == float("inf"):
@@ -226,9 +240,7 @@ def validate(
         named = (("logits", logits), ("target", target), ("weight", weight), ("where", where))
         for name, value in named:
             if value is not None and not _is_array(value):
-                raise TypeError(
-                    f"{name} must be an array of an array-API library, got {type(value).__name__}"
-                ) from None
+                raise _not_an_array(name, value) from None
         libs = {name: type(v).__module__.split(".")[0] for name, v in named if v is not None}
         hint = ""
         if libs["logits"] == "numpy":
@@ -277,6 +289,7 @@ def validate(
                 "ignore_index is not supported with probability targets (use where= to mask positions); "
                 f"got ignore_index={ignore_index}"
             )
+        _check_probabilities(ops, target)
     else:
         raise TypeError(f"target must hold integer class indices or floating probabilities, got dtype {target.dtype}")
 
@@ -311,11 +324,55 @@ def _check_weight_where(ops, weight, where, k, positions):
         if tuple(weight.shape) != (k,):
             raise ValueError(f"weight must have shape ({k},) (one per class), got {tuple(weight.shape)}")
         ops.check_weight(weight)
+        xp = ops.xp
+        ops.require(
+            xp.all((weight >= 0) & (weight < xp.inf)),
+            "weight must hold finite, non-negative class weights (a negative weight can cancel the mean's "
+            "denominator, a NaN or inf one makes every loss NaN)",
+        )
     if where is not None:
         if where.dtype != ops.xp.bool:
             raise TypeError(f"where must be a boolean array, got dtype {where.dtype}")
         if tuple(where.shape) != positions:
             raise ValueError(f"where must have the shape of the target positions {positions}, got {tuple(where.shape)}")
+
+
+def _check_probabilities(ops, target):
+    """Probability targets must be finite and non-negative (they need not sum to 1): read on the host
+    (eager min and max, one pass on PyTorch), a device-side assertion off the CPU, unchecked traced."""
+    if ops.eager:
+        if math.prod(target.shape):
+            lo, hi = ops.min_max(target)
+            if not (lo >= 0 and hi < math.inf):  # NaN fails both
+                raise ValueError(f"target of class probabilities must be finite and >= 0, got values in [{lo}, {hi}]")
+    elif not ops.traced:
+        xp = ops.xp
+        ops.require(xp.all((target >= 0) & (target < xp.inf)), "target of class probabilities must be finite and >= 0")
+
+
+def check_cotangent(cotangent, reduction, positions):
+    """The cotangent of value_and_grad: a real number or 0-d array for "sum"/"mean", an array of the
+    per-position loss's shape for "none".  Returns it, Python numbers as floats."""
+    if cotangent is None:
+        return None
+    if isinstance(cotangent, numbers.Real) and not isinstance(cotangent, bool):
+        if reduction == "none":
+            raise ValueError(
+                f"cotangent must be an array of the per-position loss's shape {positions} for reduction='none', "
+                f"got the number {cotangent!r}"
+            )
+        return float(cotangent)
+    if not _is_array(cotangent) or isinstance(cotangent, bool):
+        raise TypeError(f"cotangent must be a real number or an array, got {type(cotangent).__name__}")
+    want = positions if reduction == "none" else ()
+    if tuple(cotangent.shape) != want:
+        what = (
+            f"of the per-position loss's shape {want}"
+            if reduction == "none"
+            else "a number or 0-d (the loss is a scalar)"
+        )
+        raise ValueError(f"cotangent must be {what} for reduction={reduction!r}, got shape {tuple(cotangent.shape)}")
+    return cotangent
 
 
 def _check_indices(ops, target, k, ignore_index, where):
@@ -338,9 +395,9 @@ def _check_indices(ops, target, k, ignore_index, where):
                 return ignore_index
     if ops.traced:
         return ignore_index  # no values under jax.jit/vmap, torch.compile, or for lazy arrays
-    bad = (target < 0) | (target >= k)
+    info = xp.iinfo(target.dtype)
+    bad = target < 0 if k > info.max else (target < 0) | (target >= k)  # no class index of the dtype is >= k
     if ignore_index is not None:
-        info = xp.iinfo(target.dtype)
         if info.min <= ignore_index <= info.max:
             bad = bad & (target != ignore_index)
     if where is not None:
@@ -389,7 +446,7 @@ def validate_linear(
     )
     for name, value in named:
         if value is not None and not _is_array(value):
-            raise TypeError(f"{name} must be an array of an array-API library, got {type(value).__name__}")
+            raise _not_an_array(name, value)
     try:
         ops = backends.backend(hidden, classifier, bias, target, weight, where)
     except TypeError as e:

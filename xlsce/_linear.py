@@ -267,9 +267,13 @@ def value_and_grads(
         positions = (target.shape[0], *target.shape[2:]) if cfg.soft else target.shape
         g = xp.ones(positions, dtype=dt, device=dev) if cotangent is None else xp.astype(cotangent, dt)
     else:
-        g = 1.0 if cotangent is None else xp.astype(cotangent, dt)
+        g = 1.0 if cotangent is None else cotangent if type(cotangent) is float else xp.astype(cotangent, dt)
         if cfg.reduction == "mean":
             d = denominator(ops, cfg, target, weight, where, dt)
+            if weight is not None and cfg.z_loss:  # the z-loss's mean over the counted positions
+                valid = _math.valid_positions(xp, cfg, target, where)
+                zeta = _math.z_loss_weight(ops, cfg, valid, d, dt, tuple(target.shape))
+                ccfg = ccfg._replace(z_loss=zeta)
             empty = d == 0
             d = xp.where(empty, 1.0, d)
             g = xp.where(empty, 0.0, g / d)

@@ -141,9 +141,9 @@ def _coefficients(xp, cfg: Config, k_eff):
         several = k_eff > 1
         b = xp.where(several, eps / xp.where(several, k_eff - 1, 1.0), 0.0)
         a = xp.where(several, 1.0 - eps - b, 1.0)
-    else:
+    else:  # no class in play (a row of -inf only): no smoothing, q = t (an infinite loss where t has mass)
         b = xp.where(k_eff > 0, eps / xp.where(k_eff > 0, k_eff, 1.0), 0.0)
-        a = 1.0 - eps
+        a = xp.where(k_eff > 0, 1.0 - eps, xp.ones_like(k_eff))
     return a, b
 
 
@@ -188,6 +188,9 @@ def forward(ops, cfg: Config, logits, target, weight=None, where=None, g=None, g
     if valid is not None:
         valid = xp.expand_dims(valid, axis=ax)
     scale, d = _reduction_factor(ops, cfg, logits, valid, w_y, dt)
+    if cfg.reduction == "mean" and w_y is not None and cfg.z_loss:
+        positions = tuple(logits.shape[:ax]) + tuple(logits.shape[ax + 1 :])
+        cfg = cfg._replace(z_loss=z_loss_weight(ops, cfg, valid, d, dt, positions))
     soft_target = target if cfg.soft else None
 
     if g is None:
@@ -207,17 +210,22 @@ def forward(ops, cfg: Config, logits, target, weight=None, where=None, g=None, g
     parts = ops.by_blocks(
         terms, blocks, blocked=ax != 0, out_dtype=out_dtype, first_is_block=g is not None, out=grad_out
     )
-    dz, (loss, lse, coef, a_res, b, masked, lse_out) = (parts[0], parts[1:]) if g is not None else (None, parts)
+    dz, (loss, lse, lse_lo, coef, a_res, b, masked, lse_out) = (parts[0], parts[1:]) if g is not None else (None, parts)
 
-    # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf); eager with the row sums
-    # checked finite (every logit finite, so every loss term), by a product: one cheap operation,
-    # for "sum"/"mean" the product with the reduction's factor (0 where ignored), which also divides.
-    res = Residuals(lse, coef, a_res, b, scale, y, masked, lse_out)
-    finite = not masked and (cfg.smoothed or cfg.soft) and ops.eager
+    # Reduction.  Ignored positions are zeroed with `where` (never 0 * inf: a masked position never
+    # reaches the result, whatever its logits hold); eager "sum"/"mean" with every logit finite first
+    # by the product with the reduction's factor (0 where ignored), which also divides: one cheap
+    # operation, kept where its result is finite (else a loss term overflowed, a z-loss lse**2 say,
+    # and `where` decides).
+    res = Residuals(lse, lse_lo, coef, a_res, b, scale, y, masked, lse_out)
+    # the row sums checked finite (every logit finite), and no lse**2 that may overflow
+    finite = not masked and (cfg.smoothed or cfg.soft) and ops.eager and not cfg.has_z_loss
     if valid is not None and finite and cfg.reduction != "none" and type(scale) is not float:
-        return _result(xp, xp.sum(loss * scale), logits, res, dz)
+        out = xp.sum(loss * scale)
+        if math.isfinite(ops.number(out)):
+            return _result(xp, out, logits, res, dz)
     if valid is not None:
-        loss = loss * xp.astype(valid, loss.dtype) if finite else xp.where(valid, loss, 0.0)
+        loss = xp.where(valid, loss, 0.0)
     if cfg.reduction == "none":
         out = xp.squeeze(loss, axis=ax)
     elif cfg.reduction == "sum" or (type(d) is float and d == 1):
@@ -269,6 +277,17 @@ def _reduction_factor(ops, cfg: Config, logits, valid, w_y, dt):
     return xp.where(nothing, 0.0, vm / xp.where(nothing, 1.0, d)), d
 
 
+def z_loss_weight(ops, cfg: Config, valid, d, dt, positions):
+    """The z-loss weight under a class-weighted "mean": ``zeta * D / n``, so that the z-loss is its
+    mean over the n counted positions (Liger, PaLM: a per-position term), not divided by the
+    cross-entropy's ``D = sum_i m_i w[y_i]``.  0 when nothing counts (then D = 0: the mean is 0)."""
+    xp = ops.xp
+    n = float(math.prod(positions)) if valid is None else xp.sum(xp.astype(valid, dt))
+    if type(d) is float and type(n) is float:
+        return cfg.z_loss * d / n if n else 0.0
+    return xp.where(n > 0, cfg.z_loss * d / xp.where(n > 0, n, 1.0), 0.0)
+
+
 def _cotangent(ops, cfg: Config, g, dt):
     """The cotangent as a Python number (0-d, readable) or an array that broadcasts against the residuals."""
     xp = ops.xp
@@ -311,28 +330,45 @@ def _position_terms(ops, cfg: Config, logits, target, y, wv, w_y, gs=None, out=N
     empty = None
     if masked:
         empty = s == 0  # every logit -inf: lse = -inf, kept out of the arithmetic
-        log_s = xp.log(xp.where(empty, 1.0, s))
-    else:
-        log_s = xp.log(s)  # s >= 1: the row maximum contributes exp(0)
-    # the fused gradient (gs) needs the log-sum-exp only for the z-loss or to report it: one operation fewer
-    lse = m + log_s if gs is None or cfg.has_z_loss or cfg.return_lse else None
+        s = xp.where(empty, 1.0, s)  # then zs = 0 and the softmax zs / s is 0
+    log_s = xp.log(s)  # s >= 1: the row maximum contributes exp(0)
+    z_loss = cfg.has_z_loss
+    lse = lse_lo = None
+    if gs is None:  # the residuals: the log-sum-exp and its rounding error
+        lse, lse_lo = _two_sum(m, log_s)
+    elif z_loss or cfg.return_lse:
+        lse = m + log_s
 
     # 4. the loss terms
     loss, coef, a_res, b = _loss_terms(ops, cfg, log_s, z_y, sums, wt, w_y, masked)
-    if cfg.has_z_loss:
+    if z_loss:
         zl = cfg.z_loss * lse * lse
         loss = loss + (xp.where(empty, xp.inf, zl) if masked else zl)
         coef = coef + 2.0 * cfg.z_loss * lse
+    if not cfg.soft and not ops.eager:
+        # unchecked class indices (jax.jit): out of range, the target's logit is NaN (JAX's gather), and
+        # so is the loss; the NaN goes into the softmax's factor, so the row's gradient is NaN too
+        coef = xp.where(xp.isnan(z_y), z_y, coef)
     lse_out = None
     if cfg.return_lse:
         lse_out = xp.where(empty, -xp.inf, lse) if masked else lse
     if gs is None:
-        return loss, lse, coef, a_res, b, masked, lse_out
-    # zs holds exp(z - m); softmax = zs / s (rows of -inf only: zs = 0, s taken as 1)
+        return loss, lse, lse_lo, coef, a_res, b, masked, lse_out
+    # zs holds exp(z - m); softmax = zs / s
     alpha, beta, gamma = gs * coef, gs * b, gs * a_res  # the factors of softmax, the smoothing mass, the target
-    e = (zs, xp.where(empty, 1.0, s) if masked else s)
-    dz = _position_grad(ops, cfg, logits, target, y, w, None, alpha, beta, gamma, masked, e=e, z=z)
-    return dz, loss, lse, coef, a_res, b, masked, lse_out
+    dz = _position_grad(ops, cfg, logits, target, y, w, None, alpha, beta, gamma, masked, e=(zs, s), z=z)
+    return dz, loss, lse, lse_lo, coef, a_res, b, masked, lse_out
+
+
+def _two_sum(a, b):
+    """``(hi, lo)`` with ``hi = fl(a + b)`` and ``hi + lo = a + b`` exactly (Knuth's TwoSum: six
+    operations, on per-position values).  The backward's softmax ``exp(z - hi) * exp(-lo)`` is then as
+    accurate as ``exp(z - m) / s``: ``z - hi`` is exact for the classes near the maximum, where
+    ``exp(z - lse)`` with the rounded ``lse`` loses ``log s`` entirely for logits of 1e8 in float32
+    (a softmax of [1, 1, 0] for [1e8, 1e8, 0]) and ``|lse| * 2**-24`` of the exponent elsewhere."""
+    hi = a + b
+    bb = hi - a
+    return hi, (a - (hi - bb)) + (b - bb)
 
 
 def _row_max(ops, z, axis):
@@ -374,7 +410,7 @@ def _eager_shift(ops, cfg: Config, z, y, w, wt, out):
             zs = ops.subtract(z, m, out)
     z_y = None if cfg.soft else ops.take_at(zs, y, ax)  # from zs, before it is exponentiated
     if masked:
-        sums = _masked_sums(ops, cfg, zs, w, wt)
+        sums = _masked_sums(ops, cfg, z, zs, w, wt)
     else:
         k = float(z.shape[ax])
         s_w = (k if w is None else xp.sum(w)) if cfg.smoothed else None
@@ -409,26 +445,29 @@ def _traced_shift(ops, cfg: Config, z, y, w, wt, out):
                 target = ops.row_dot(z, wt, ax) - xp.sum(wt, axis=ax, keepdims=True) * m
             return k_eff, s_w, smooth, target
 
-        sums = ops.cond_finite(z, plain, lambda: _masked_sums(ops, cfg, z - m, w, wt))
+        sums = ops.cond_finite(z, plain, lambda: _masked_sums(ops, cfg, z, z - m, w, wt))
     # the target's shifted logit from z (a gather from zs made XLA keep zs as an (N, K) buffer of its own)
     z_y = None if cfg.soft else ops.take_at(z, y, ax) - m
     return m, zs, z_y, sums, True
 
 
-def _masked_sums(ops, cfg: Config, zs, w, wt):
-    """``(K', sum_c w_c, sum_c w_c zs_c, sum_c w_c t_c zs_c)`` over the classes in play (finite
-    ``zs = z - m``), in one pass (``ops.row_sums``; under JAX one reduction of several operands).
-    The soft targets' sum keeps a -inf where a target puts mass on a class out of play (an infinite
-    loss, as documented); 0 * (-inf) = 0 elsewhere."""
+def _masked_sums(ops, cfg: Config, z, zs, w, wt):
+    """``(K', sum_c w_c, sum_c w_c zs_c, sum_c w_c t_c zs_c)`` over the classes in play
+    (``z > -inf``; ``zs = z - m``), in one pass (``ops.row_sums``; under JAX one reduction of several
+    operands).  A class is out of play by its logit, never by its shifted logit: a finite logit whose
+    shift overflows to -inf (``-3e38 - 3e38`` in float32) stays in play and makes the loss +inf, the
+    rounded value of a loss beyond the dtype's range, not a silent 0.  The soft targets' sum keeps a
+    -inf where a target puts mass on a class out of play (an infinite loss, as documented);
+    0 * (-inf) = 0 elsewhere."""
     xp, ax = ops.xp, cfg.axis
-    fin = zs > -xp.inf
+    fin = z > -xp.inf
     terms = []
     if cfg.smoothed:
         zf = xp.where(fin, zs, 0.0)
         terms.append(xp.astype(fin, zs.dtype))
         if w is not None:
             terms.append(xp.where(fin, w, 0.0))
-        terms.append(zf if w is None else w * zf)
+        terms.append(zf if w is None else _times(xp, w, zf))  # a zero weight times an overflowed -inf: 0
     if cfg.soft:
         terms.append(_times(xp, wt, zs))
     sums = ops.row_sums(terms, ax)
@@ -498,6 +537,9 @@ def backward(ops, cfg: Config, logits, target, weight, res: Residuals, g, need_t
 
     w = None if wv is None else _along(xp, wv, ax, logits.ndim)
 
+    # softmax = exp(z - lse) * exp(-lse_lo): the rounding error of lse goes into the factor alpha
+    alpha = alpha * xp.exp(-res.lse_lo)
+
     def grad(logits, target, y, lse, alpha, beta, gamma, out=None):
         return _position_grad(ops, cfg, logits, target, y, w, lse, alpha, beta, gamma, res.masked, out=out)
 
@@ -506,7 +548,7 @@ def backward(ops, cfg: Config, logits, target, weight, res: Residuals, g, need_t
     dtarget = None
     if need_target and cfg.soft:
         z = capped_logits(ops, cfg, logits)
-        lp = xp.where(z > -xp.inf, z - res.lse, 0.0)
+        lp = xp.where(z > -xp.inf, (z - res.lse) - res.lse_lo, 0.0)
         dtarget = -gamma * (lp if wv is None else lp * _along(xp, wv, ax, z.ndim))
     return dz, dtarget
 
@@ -517,6 +559,8 @@ def _position_grad(ops, cfg: Config, logits, target, y, w, lse, alpha, beta, gam
     ``w`` is the class weights shaped to broadcast along the class axis, or None.
     ``out``, if given (a buffer of the block's shape in the compute dtype), receives the result.
 
+    Without ``e``: alpha * softmax = exp(z - lse) * alpha, ``alpha`` carrying the factor
+    ``exp(-lse_lo)`` of the rounding error of ``lse`` (:func:`_two_sum`, :func:`backward`).
     ``e = (exp(z - m), s)``, if given, is the forward's buffer of exponentials (overwritten)
     and its row sums: alpha * softmax = exp(z - m) * (alpha / s) without a second
     exponential.
@@ -525,7 +569,7 @@ def _position_grad(ops, cfg: Config, logits, target, y, w, lse, alpha, beta, gam
     dt = ops.compute[logits.dtype]
     z = _shift_input(ops, cfg, logits) if z is None else z
     if e is None:
-        dz = ops.exp_(ops.subtract(z, lse, out))  # softmax, in a buffer of ours (compute dtype)
+        dz = ops.exp_(ops.subtract(z, lse, out))  # softmax / exp(-lse_lo), in a buffer of ours (compute dtype)
         dz = ops.imul(dz, alpha)
     else:
         dz = ops.imul_ratio(e[0], alpha, e[1])
@@ -540,9 +584,11 @@ def _position_grad(ops, cfg: Config, logits, target, y, w, lse, alpha, beta, gam
         dz = ops.isub(dz, gamma * (t if w is None else w * t))
     else:
         dz = ops.isub_at(dz, y, gamma, ax)
-    if cfg.softcap is not None:  # d(s tanh(x/s))/dx = 1 - tanh(x/s)^2, which is 0 at x = -inf
-        u = xp.tanh(xp.astype(logits, dt) / cfg.softcap)
-        dz = ops.imul(dz, 1.0 - u * u)
+    if cfg.softcap is not None:
+        # d(c tanh(x/c))/dx = 1 - tanh(x/c)^2 = 4 e / (1 + e)^2 with e = exp(-2 |x/c|): no cancellation
+        # where the cap saturates (1 - tanh^2 is 0 in float32 from |x/c| ~ 9 on), and 0 at x = -inf
+        e2 = xp.exp(-2.0 * xp.abs(xp.astype(logits, dt) / cfg.softcap))
+        dz = ops.imul(dz, 4.0 * e2 / ((1.0 + e2) * (1.0 + e2)))
     return dz
 
 

@@ -66,8 +66,9 @@ class Config(NamedTuple):
 class Residuals(NamedTuple):
     """What the backward needs besides the inputs: O(N), shaped like the loss with keepdims."""
 
-    lse: object  # log-sum-exp (shift m + log s; 0 for a row of -inf only)
-    coef: object  # sum_c w_c q_c + 2 zeta lse: the factor of softmax(z)
+    lse: object  # log-sum-exp m + log s, rounded (m the shift; 0 for a row of -inf only)
+    lse_lo: object  # its rounding error, (m + log s) - lse exactly: softmax = exp(z - lse) * exp(-lse_lo)
+    coef: object  # sum_c w_c q_c + 2 zeta lse: the factor of softmax(z) (NaN where a class index is out of range)
     a: object  # a * w[y] (index targets) or a (probability targets)
     b: object  # smoothing mass per class in play
     scale: object  # reduction factor per position (0 where ignored)

@@ -45,6 +45,8 @@ def backend(*arrays):
 def _selector(arrays):
     if any(isinstance(a, (bool, int, float, complex)) for a in arrays):  # array_namespace skips Python numbers
         raise TypeError("Python numbers are not arrays")
+    if any(type(a).__module__.startswith("numpy.ma") for a in arrays):  # its mask would be ignored
+        raise TypeError("NumPy masked arrays are not taken (their mask would be ignored)")
     if _compat.all_torch(arrays):  # first: torch.compile traces this, quietly without array_namespace
         from . import torch
 

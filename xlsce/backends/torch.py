@@ -71,6 +71,8 @@ class Torch(InPlace):
         dtypes = [v for v in vars(torch).values() if isinstance(v, torch.dtype)]
         floats = {d for d in dtypes if d.is_floating_point}
         ints = {d for d in dtypes if not d.is_floating_point and not d.is_complex and d != torch.bool}
+        # uint16/32/64 are "shell" dtypes that have no min, max or aminmax on the CPU: refused as targets
+        ints -= {getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n)}
         return floats, ints, torch.float32, torch.float64
 
     # ------------------------------------------------------------------ checks
