@@ -196,7 +196,8 @@ def eager_loop(ops, cfg, chunk, need, hidden, classifier, bias, target, weight, 
     # a count of chunks, not range(0, n, chunk): with a symbolic n (torch.compile(dynamic=True)) the count is
     # what the graph depends on (1 wherever chunk == n), not n itself; slices clamp at n
     for i in range(-(-n // chunk)):
-        s = slice(i * chunk, (i + 1) * chunk)
+        stop = (i + 1) * chunk
+        s = slice(i * chunk, stop if ops.compiling else min(stop, n))  # array-api-strict: stops within n
         gs = g[s, ...] if cfg.reduction == "none" else g
         m = None if where is None else where[s, ...]
         gl = None if g_lse is None else g_lse[s, ...]

@@ -188,7 +188,7 @@ def forward(ops, cfg: Config, logits, target, weight=None, where=None, g=None, g
     if valid is not None:
         valid = xp.expand_dims(valid, axis=ax)
     scale, d = _reduction_factor(ops, cfg, logits, valid, w_y, dt)
-    if cfg.reduction == "mean" and w_y is not None and cfg.z_loss:
+    if cfg.reduction == "mean" and w_y is not None and cfg.has_z_loss:
         positions = tuple(logits.shape[:ax]) + tuple(logits.shape[ax + 1 :])
         cfg = cfg._replace(z_loss=z_loss_weight(ops, cfg, valid, d, dt, positions))
     soft_target = target if cfg.soft else None
