@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
+from jax.sharding import PartitionSpec as P
 
 from .. import _linear, _math
 from .._types import Residuals
@@ -38,7 +39,25 @@ class Jax(Generic):
         if not self.traced and all(d.platform == "cpu" for d in ok.devices()) and not bool(ok):
             raise ValueError(message)
 
+    def take_at(self, a, index, axis):
+        if not _sharded(a, index):
+            return super().take_at(a, index, axis)
+        return jnp.sum(jnp.where(_classes(a, axis, index.dtype) == index, a, 0), axis=axis, keepdims=True)
+
+    def take_classes(self, v, index):
+        if not _sharded(v, index):
+            return super().take_classes(v, index)
+        spec = tuple(jax.typeof(index).sharding.spec)
+        if v.ndim and set(_names(jax.typeof(v).sharding.spec)) & set(_names(spec)):
+            v = jax.sharding.reshard(v, P())  # the class axis cannot be sharded on an axis that the positions use
+        shape = (*index.shape, v.shape[0])
+        sharding = _with_spec(index, (*spec, *jax.typeof(v).sharding.spec))
+        classes = jax.lax.broadcasted_iota(index.dtype, shape, index.ndim, out_sharding=sharding)
+        return jnp.sum(jnp.where(classes == index[..., None], v, 0), axis=-1)
+
     def isub_at(self, a, index, v, axis):
+        if _sharded(a, index, v):
+            return jnp.where(_classes(a, axis, index.dtype) == index, a - v, a)
         if math.prod(a.shape) > generic.SMALL_LOGITS:
             # large logits keep the select: with logits computed inside jit, XLA gives the scatter's
             # operand a buffer of its own instead of reusing the logits' (tests/test_core.py's memory test)
@@ -150,6 +169,31 @@ _INSTANCES = {traced: Jax(jnp, _compat.device, traced=traced) for traced in (Fal
 def backend(x):
     """The backend for a call whose first array is ``x``: traced (a tracer) or not."""
     return _INSTANCES[isinstance(x, jax.core.Tracer)]
+
+
+def _names(spec):
+    """The mesh axis names in a PartitionSpec."""
+    return [n for p in spec if p is not None for n in (p if isinstance(p, tuple) else (p,))]
+
+
+def _sharded(*arrays):
+    """Whether an array's type names a mesh axis (Explicit sharding; read from the abstract value,
+    never from the values).  Gathers and scatters there need an output sharding that XLA cannot
+    infer (``ShardingTypeError``); the index operations then take gather-free forms, a select
+    against the class indices and a row sum, which every sharding accepts and which cost a pass
+    over the logits that the gather does not (python -m benchmarks.ab, docs/scaling-out.md)."""
+    return any(a is not None and _names(jax.typeof(a).sharding.spec) for a in arrays if hasattr(a, "shape"))
+
+
+def _with_spec(like, spec):
+    """The sharding of ``like``'s mesh with ``spec``."""
+    return jax.sharding.NamedSharding(jax.typeof(like).sharding.mesh, P(*spec))
+
+
+def _classes(a, axis, dtype):
+    """The class index of every element of ``a`` (along ``axis``), sharded as ``a``: a select's
+    operands must share their sharding on an Explicit mesh."""
+    return jax.lax.broadcasted_iota(dtype, a.shape, axis, out_sharding=jax.typeof(a).sharding)
 
 
 def _along_index(shape, index, axis):
