@@ -65,7 +65,7 @@ def denominator(ops, cfg, target, weight, where, dt):
             return xp.asarray(float(target.shape[0]), dtype=dt, device=dev)
         return xp.sum(xp.astype(valid, dt))
     y = target if valid is None else xp.where(valid, target, 0)
-    w_y = xp.take(xp.astype(weight, dt), y, axis=0)
+    w_y = ops.take_classes(xp.astype(weight, dt), y)
     if valid is not None:
         w_y = xp.where(valid, w_y, 0.0)
     return xp.sum(w_y)
@@ -119,7 +119,7 @@ def chunk_step(ops, cfg, h, classifier, bias, target, weight, where, g, need, ac
         db = ops.iadd(db, xp.sum(dz, axis=1))
     if dz.dtype != in_dt:
         dz = xp.astype(dz, in_dt)
-    dh = dz.T @ classifier if need[0] else None
+    dh = ops.matmul(dz.T, classifier) if need[0] else None
     if need[1]:
         dw = ops.addmm(dw, dz, h)
     return loss, lse, dh, dw, db

@@ -89,6 +89,9 @@ class Jax(Generic):
             return jnp.expand_dims(a @ jnp.reshape(v, (-1,)), axis)  # one pass, no temporary
         return super().row_dot(a, v, axis)
 
+    def matmul(self, a, b, out=None):
+        return _product(a, b)
+
     def addmm(self, acc, a, b):
         """acc + a @ b, ``rows`` rows of ``a`` at a time in a ``lax.fori_loop``, each slice's product at
         most ``CHUNK_BYTES``.  XLA on the CPU does not fuse a product into the addition that consumes it,
@@ -96,6 +99,8 @@ class Jax(Generic):
         classifier); slice by slice, each slice of the loop's carry is updated in place."""
         if acc is None:
             return super().addmm(acc, a, b)
+        if _sharded(acc, a, b):  # each device's shard of acc is updated whole (no slices of a sharded axis)
+            return acc + _product(a, b).astype(acc.dtype)
         dt, v = acc.dtype, a.shape[0]
         rows = max(1, _linear.CHUNK_BYTES // max(1, acc.shape[1] * jnp.dtype(dt).itemsize))
         if rows >= v:
@@ -115,25 +120,40 @@ class Jax(Generic):
         return acc
 
     def chunk_loop(self, cfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse=None):
-        """The chunk loop as one ``lax.scan`` (the graph does not grow with the number of chunks): the
-        last chunk is padded and masked with ``where``."""
+        """The chunk loop as one ``lax.scan`` (the graph does not grow with the number of chunks).
+
+        The chunks are strided: ``count = ceil(n / chunk)`` chunks of ``rows = ceil(n / count)`` rows
+        (at most ``chunk``), chunk ``k`` holding rows ``k, k + count, k + 2 count, ...`` (the rows
+        reshaped ``(rows, count)``, the scan over the second axis).  Rows sharded along the
+        positions (GSPMD data parallelism: contiguous blocks, the devices dividing ``rows``) so give
+        every chunk rows of every device: each device runs every chunk on its own rows, and the
+        hidden states are never gathered.  Where ``count`` does not divide ``n``, the last rows are
+        padded (masked with ``where``), which moves the blocks between devices."""
         n, width = hidden.shape
         count = -(-n // chunk)
-        pad = count * chunk - n
+        rows = -(-n // count) if count else chunk
+        pad = count * rows - n
         dt = self.compute[hidden.dtype]
-        valid = jnp.ones((n,), dtype=bool) if where is None else where
-        xs = (
-            jnp.pad(hidden, ((0, pad), (0, 0))).reshape(count, chunk, width),
-            jnp.pad(target, (0, pad)).reshape(count, chunk),
-            jnp.pad(valid, (0, pad)).reshape(count, chunk),
-            jnp.pad(g, (0, pad)).reshape(count, chunk) if cfg.reduction == "none" else None,
-            None if g_lse is None else jnp.pad(g_lse, (0, pad)).reshape(count, chunk),
-        )
-        v = classifier.shape[0]
+
+        def split(x):  # (n, ...) -> (count, rows, ...), chunk k = rows k::count
+            if x is None:
+                return None
+            x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)) if pad else x
+            return jnp.swapaxes(x.reshape(rows, count, *x.shape[1:]), 0, 1)
+
+        def join(x):  # the inverse of split
+            if x is None:
+                return None
+            x = jnp.swapaxes(x, 0, 1).reshape(rows * count, *x.shape[2:])
+            return x[:n] if pad else x
+
+        if pad and where is None:
+            where = jnp.ones((n,), dtype=bool)  # the padded rows: False
+        xs = (split(hidden), split(target), split(where), split(g) if cfg.reduction == "none" else None, split(g_lse))
         init = (
-            jnp.zeros((), dt),
-            jnp.zeros((v, width), dt) if need[1] else None,
-            jnp.zeros((v,), dt) if need[2] else None,
+            jnp.zeros((), dt),  # zeros_like: the accumulators keep the parameters' sharding (Explicit meshes)
+            jnp.zeros_like(classifier, dtype=dt) if need[1] else None,
+            jnp.zeros_like(bias, dtype=dt) if need[2] else None,
         )
 
         def body(carry, x):
@@ -148,10 +168,8 @@ class Jax(Generic):
             return (total + loss, dw, db), (None, lse, dh)
 
         (total, dw, db), (losses, lses, dhs) = jax.lax.scan(body, init, xs)
-        out = losses.reshape(count * chunk)[:n] if cfg.reduction == "none" else total
-        lse = None if lses is None else lses.reshape(count * chunk)[:n]
-        dh = None if dhs is None else dhs.reshape(count * chunk, width)[:n]
-        return out, lse, dh, dw, db
+        out = join(losses) if cfg.reduction == "none" else total
+        return out, join(lses), join(dhs), dw, db
 
     # ------------------------------------------------------------------ entry points: custom_vjp
 
@@ -183,6 +201,18 @@ def _sharded(*arrays):
     against the class indices and a row sum, which every sharding accepts and which cost a pass
     over the logits that the gather does not (python -m benchmarks.ab, docs/scaling-out.md)."""
     return any(a is not None and _names(jax.typeof(a).sharding.spec) for a in arrays if hasattr(a, "shape"))
+
+
+def _product(a, b):
+    """a @ b (2-d).  On an Explicit mesh the result keeps the sharding of ``a``'s rows and ``b``'s
+    columns; a contraction over a sharded axis is then summed over its devices (an all-reduce of
+    the result's size, as GSPMD does on Auto axes)."""
+    if not _sharded(a, b):
+        return a @ b
+    rows, cols = jax.typeof(a).sharding.spec[0], jax.typeof(b).sharding.spec[-1]
+    if set(_names((rows,))) & set(_names((cols,))):
+        cols = None
+    return jnp.matmul(a, b, out_sharding=P(rows, cols))
 
 
 def _with_spec(like, spec):
