@@ -85,7 +85,13 @@ class Jax(Generic):
         return [jnp.expand_dims(s, axis) for s in _row_sums(axis, *terms)]
 
     def row_dot(self, a, v, axis):
-        if v is not None and axis == a.ndim - 1 and v.ndim == a.ndim and math.prod(v.shape[:-1]) == 1:
+        if (
+            v is not None
+            and axis == a.ndim - 1
+            and v.ndim == a.ndim
+            and math.prod(v.shape[:-1]) == 1
+            and not _sharded(a, v)  # a product over a sharded axis needs an out_sharding: the sum does not
+        ):
             return jnp.expand_dims(a @ jnp.reshape(v, (-1,)), axis)  # one pass, no temporary
         return super().row_dot(a, v, axis)
 
