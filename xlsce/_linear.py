@@ -143,7 +143,7 @@ def chunk_step(ops, cfg, h, classifier, bias, target, weight, where, g, need, ac
         db = ops.iadd(db, xp.sum(dz, axis=1))
     if dz.dtype != in_dt:
         dz = xp.astype(dz, in_dt)
-    dh = dz.T @ classifier if need[0] else None
+    dh = ops.matmul(dz.T, classifier) if need[0] else None
     if need[1]:
         dw = ops.addmm(dw, dz, h)
     return loss, lse, hits, dh, dw, db

@@ -60,7 +60,7 @@ def _selector(arrays):
     if _compat.is_torch_namespace(xp):
         from . import torch
 
-        return torch.backend
+        return torch.selector(arrays)  # DTensors get a backend of their own
     if _compat.is_jax_namespace(xp):
         from . import jax
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
+from jax.sharding import PartitionSpec as P
 
 from .. import _linear, _math
 from .._types import Residuals
@@ -44,7 +45,25 @@ class Jax(Generic):
         if all(d.platform == "cpu" for d in ok.devices()) and not bool(ok):
             raise ValueError(message)
 
+    def take_at(self, a, index, axis):
+        if not _sharded(a, index):
+            return super().take_at(a, index, axis)
+        return jnp.sum(jnp.where(_classes(a, axis, index.dtype) == index, a, 0), axis=axis, keepdims=True)
+
+    def take_classes(self, v, index):
+        if not _sharded(v, index):
+            return super().take_classes(v, index)
+        spec = tuple(jax.typeof(index).sharding.spec)
+        if v.ndim and set(_names(jax.typeof(v).sharding.spec)) & set(_names(spec)):
+            v = jax.sharding.reshard(v, P())  # the class axis cannot be sharded on an axis that the positions use
+        shape = (*index.shape, v.shape[0])
+        sharding = _with_spec(index, (*spec, *jax.typeof(v).sharding.spec))
+        classes = jax.lax.broadcasted_iota(index.dtype, shape, index.ndim, out_sharding=sharding)
+        return jnp.sum(jnp.where(classes == index[..., None], v, 0), axis=-1)
+
     def isub_at(self, a, index, v, axis):
+        if _sharded(a, index, v):
+            return jnp.where(_classes(a, axis, index.dtype) == index, a - v, a)
         if math.prod(a.shape) > generic.SMALL_LOGITS:
             # large logits keep the select: with logits computed inside jit, XLA gives the scatter's
             # operand a buffer of its own instead of reusing the logits' (tests/test_core.py's memory test)
@@ -72,9 +91,18 @@ class Jax(Generic):
         return [jnp.expand_dims(s, axis) for s in _row_sums(axis, *terms)]
 
     def row_dot(self, a, v, axis):
-        if v is not None and axis == a.ndim - 1 and v.ndim == a.ndim and math.prod(v.shape[:-1]) == 1:
+        if (
+            v is not None
+            and axis == a.ndim - 1
+            and v.ndim == a.ndim
+            and math.prod(v.shape[:-1]) == 1
+            and not _sharded(a, v)  # a product over a sharded axis needs an out_sharding: the sum does not
+        ):
             return jnp.expand_dims(a @ jnp.reshape(v, (-1,)), axis)  # one pass, no temporary
         return super().row_dot(a, v, axis)
+
+    def matmul(self, a, b, out=None):
+        return _product(a, b)
 
     def addmm(self, acc, a, b):
         """acc + a @ b, ``rows`` rows of ``a`` at a time in a ``lax.fori_loop``, each slice's product at
@@ -83,6 +111,8 @@ class Jax(Generic):
         classifier); slice by slice, each slice of the loop's carry is updated in place."""
         if acc is None:
             return super().addmm(acc, a, b)
+        if _sharded(acc, a, b):  # each device's shard of acc is updated whole (no slices of a sharded axis)
+            return acc + _product(a, b).astype(acc.dtype)
         dt, v = acc.dtype, a.shape[0]
         rows = max(1, _linear.CHUNK_BYTES // max(1, acc.shape[1] * jnp.dtype(dt).itemsize))
         if rows >= v:
@@ -102,30 +132,41 @@ class Jax(Generic):
         return acc
 
     def chunk_loop(self, cfg, chunk, need, hidden, classifier, bias, target, weight, where, g, g_lse=None):
-        """The chunk loop as one ``lax.scan`` (the graph does not grow with the number of chunks): the
-        last chunk is padded and masked with ``where``."""
+        """The chunk loop as one ``lax.scan`` (the graph does not grow with the number of chunks).
+
+        The chunks are strided: ``count = ceil(n / chunk)`` chunks of ``rows = ceil(n / count)`` rows
+        (at most ``chunk``), chunk ``k`` holding rows ``k, k + count, k + 2 count, ...`` (the rows
+        reshaped ``(rows, count)``, the scan over the second axis).  Rows sharded along the
+        positions (GSPMD data parallelism: contiguous blocks, the devices dividing ``rows``) so give
+        every chunk rows of every device: each device runs every chunk on its own rows, and the
+        hidden states are never gathered.  Where ``count`` does not divide ``n``, the last rows are
+        padded (masked with ``where``), which moves the blocks between devices."""
         n, width = hidden.shape
         count = -(-n // chunk)
-        pad = count * chunk - n
+        rows = -(-n // count) if count else chunk
+        pad = count * rows - n
         dt = self.compute[hidden.dtype]
+
+        def split(x):  # (n, ...) -> (count, rows, ...), chunk k = rows k::count
+            if x is None:
+                return None
+            x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)) if pad else x
+            return jnp.swapaxes(x.reshape(rows, count, *x.shape[1:]), 0, 1)
+
+        def join(x):  # the inverse of split
+            if x is None:
+                return None
+            x = jnp.swapaxes(x, 0, 1).reshape(rows * count, *x.shape[2:])
+            return x[:n] if pad else x
+
         positions = (n, *target.shape[2:]) if cfg.soft else target.shape  # (N,), or (N, D): a K-dim classifier
-        valid = jnp.ones(positions, dtype=bool) if where is None else where
-
-        def rows(x):  # (N, ...) -> (count, chunk, ...), the last chunk padded
-            return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(count, chunk, *x.shape[1:])
-
-        xs = (
-            rows(hidden),
-            rows(target),
-            rows(valid),
-            rows(g) if cfg.reduction == "none" else None,
-            None if g_lse is None else rows(g_lse),
-        )
-        v = classifier.shape[0]
+        if pad and where is None:
+            where = jnp.ones(positions, dtype=bool)  # the padded rows: False
+        xs = (split(hidden), split(target), split(where), split(g) if cfg.reduction == "none" else None, split(g_lse))
         init = (
-            jnp.zeros((), dt),
-            jnp.zeros((v, width), dt) if need[1] else None,
-            jnp.zeros((v,), dt) if need[2] else None,
+            jnp.zeros((), dt),  # zeros_like: the accumulators keep the parameters' sharding (Explicit meshes)
+            jnp.zeros_like(classifier, dtype=dt) if need[1] else None,
+            jnp.zeros_like(bias, dtype=dt) if need[2] else None,
         )
 
         def body(carry, x):
@@ -140,11 +181,8 @@ class Jax(Generic):
             return (total + loss, dw, db), (None, lse, hits, dh)
 
         (total, dw, db), (losses, lses, hits, dhs) = jax.lax.scan(body, init, xs)
-        out = losses.reshape(count * chunk, *losses.shape[2:])[:n] if cfg.reduction == "none" else total
-        lse = None if lses is None else lses.reshape(count * chunk, *lses.shape[2:])[:n]
-        hits = None if hits is None else hits.reshape(count * chunk, *hits.shape[2:])[:n]
-        dh = None if dhs is None else dhs.reshape(count * chunk, width)[:n]
-        return out, lse, hits, dh, dw, db
+        out = join(losses) if cfg.reduction == "none" else total
+        return out, join(lses), join(hits), join(dhs), dw, db
 
     # ------------------------------------------------------------------ entry points: custom_jvp / custom_vjp
 
@@ -163,6 +201,43 @@ _INSTANCES = {traced: Jax(jnp, _compat.device, traced=traced) for traced in (Fal
 def backend(x):
     """The backend for a call whose first array is ``x``: traced (a tracer) or not."""
     return _INSTANCES[isinstance(x, jax.core.Tracer)]
+
+
+def _names(spec):
+    """The mesh axis names in a PartitionSpec."""
+    return [n for p in spec if p is not None for n in (p if isinstance(p, tuple) else (p,))]
+
+
+def _sharded(*arrays):
+    """Whether an array's type names a mesh axis (Explicit sharding; read from the abstract value,
+    never from the values).  Gathers and scatters there need an output sharding that XLA cannot
+    infer (``ShardingTypeError``); the index operations then take gather-free forms, a select
+    against the class indices and a row sum, which every sharding accepts and which cost a pass
+    over the logits that the gather does not (python -m benchmarks.ab, docs/scaling-out.md)."""
+    return any(a is not None and _names(jax.typeof(a).sharding.spec) for a in arrays if hasattr(a, "shape"))
+
+
+def _product(a, b):
+    """a @ b (2-d).  On an Explicit mesh the result keeps the sharding of ``a``'s rows and ``b``'s
+    columns; a contraction over a sharded axis is then summed over its devices (an all-reduce of
+    the result's size, as GSPMD does on Auto axes)."""
+    if not _sharded(a, b):
+        return a @ b
+    rows, cols = jax.typeof(a).sharding.spec[0], jax.typeof(b).sharding.spec[-1]
+    if set(_names((rows,))) & set(_names((cols,))):
+        cols = None
+    return jnp.matmul(a, b, out_sharding=P(rows, cols))
+
+
+def _with_spec(like, spec):
+    """The sharding of ``like``'s mesh with ``spec``."""
+    return jax.sharding.NamedSharding(jax.typeof(like).sharding.mesh, P(*spec))
+
+
+def _classes(a, axis, dtype):
+    """The class index of every element of ``a`` (along ``axis``), sharded as ``a``: a select's
+    operands must share their sharding on an Explicit mesh."""
+    return jax.lax.broadcasted_iota(dtype, a.shape, axis, out_sharding=jax.typeof(a).sharding)
 
 
 def _along_index(shape, index, axis):

@@ -13,6 +13,7 @@ traced, unchecked).
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
@@ -296,6 +297,110 @@ def _backward_ops(ops):
     if ops.traced or _functorch_level() is None:
         return ops
     return _TRANSFORMED[ops.on_cpu]
+
+
+# --------------------------------------------------------------------------- DTensor
+
+
+def selector(arrays):
+    """The backend function for a call on arrays of these types: :func:`backend`, or
+    :func:`dtensor_backend` where they are DTensors (all of them: a mix is refused).  DTensor is
+    looked for in ``sys.modules``: without ``torch.distributed.tensor`` imported there is none, and
+    xlsce never imports it."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is None or not any(isinstance(a, dtensor) for a in arrays):
+        return backend
+    if not all(isinstance(a, dtensor) for a in arrays):
+        kinds = ", ".join(type(a).__name__ for a in arrays)
+        raise ValueError(
+            f"the arrays of this call mix DTensor and plain tensors ({kinds}, in argument order): pass every "
+            "array as a DTensor of one mesh, or, for logits sharded on the classes, logits.to_local() with plain "
+            "tensors and process_group=..."
+        )
+    return dtensor_backend
+
+
+class DTensorTorch(Torch):
+    """DTensor arguments (``torch.distributed.tensor``): the operations go through DTensor's sharding
+    propagation, in the mode that reads no value to choose a path (``eager`` False, as on a GPU), so
+    that every reduction over sharded positions is global; the checks read their one boolean with
+    ``full_tensor()`` where the shards are on the CPU.
+
+    Shards of the positions (a batch dimension) and replicas work: the loss, the gradient with the
+    input's placements.  Shards of the classes are refused (:func:`_refuse_class_shards`): the
+    softmax's reductions over them would need collectives that DTensor has no strategy for (a
+    scatter in the backward), and that ``process_group=`` (vocabulary parallel over local slices)
+    does instead.  Partial placements are refused too."""
+
+    def require(self, ok, message):
+        if self.readable and not ok.full_tensor().item():
+            raise ValueError(message)
+
+    def loss(self, cfg, logits, target, weight, where):
+        _refuse_class_shards(cfg, logits=logits, target=target if cfg.soft else None, weight=weight, where=where)
+        return super().loss(cfg, logits, target, weight, where)
+
+    def value_and_grad(self, cfg, logits, target, weight, where, cotangent):
+        _refuse_class_shards(cfg, logits=logits, target=target if cfg.soft else None, weight=weight, where=where)
+        return super().value_and_grad(cfg, logits, target, weight, where, cotangent)
+
+    def linear_loss(self, cfg, chunk, hidden, classifier, bias, target, weight, where):
+        _refuse_class_shards(None, hidden=hidden, classifier=classifier, bias=bias, weight=weight, where=where)
+        return super().linear_loss(cfg, chunk, hidden, classifier, bias, target, weight, where)
+
+    def linear_value_and_grads(self, cfg, chunk, hidden, classifier, bias, target, weight, where, *, need, cotangent):
+        _refuse_class_shards(None, hidden=hidden, classifier=classifier, bias=bias, weight=weight, where=where)
+        args = (cfg, chunk, hidden, classifier, bias, target, weight, where)
+        return super().linear_value_and_grads(*args, need=need, cotangent=cotangent)
+
+
+def _dtensor_instance(cpu, compiling):
+    ops = DTensorTorch(_namespace(_compat.torch_namespace()), _compat.device, traced=compiling, on_cpu=False)
+    ops.readable = cpu and not compiling  # the checks' boolean is read back on the host only
+    return ops
+
+
+_DTENSOR_INSTANCES = {
+    (cpu, compiling): _dtensor_instance(cpu, compiling) for cpu in (True, False) for compiling in (True, False)
+}
+
+
+def dtensor_backend(x):
+    """The backend for a call on DTensors, ``x`` the first."""
+    return _DTENSOR_INSTANCES[x.device.type == "cpu", torch.compiler.is_compiling()]
+
+
+def _refuse_class_shards(cfg, **arrays):
+    """ValueError for a DTensor argument sharded along a dimension of the classes (or of the hidden
+    width, which the classifier's product contracts), or holding partial sums.  ``cfg`` None: the
+    arrays of linear_cross_entropy."""
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        if name in ("logits", "target"):
+            dims = {cfg.axis % x.ndim}
+        elif name == "hidden":
+            dims = {x.ndim - 1}
+        elif name == "classifier":
+            dims = {0, 1}
+        elif name in ("bias", "weight"):
+            dims = {0}
+        else:
+            dims = set()
+        for i, p in enumerate(x.placements):
+            if p.is_partial():
+                raise ValueError(
+                    f"{name} is a DTensor of partial sums ({p} on mesh dimension {i}): redistribute it "
+                    "(Replicate or Shard of a batch dimension) before the loss"
+                )
+            if p.is_shard() and p.dim % x.ndim in dims:
+                what = "hidden width" if name == "hidden" or (name == "classifier" and p.dim % 2) else "classes"
+                raise ValueError(
+                    f"{name} is a DTensor sharded on its {what} (dimension {p.dim % x.ndim}, {p} on mesh "
+                    f"dimension {i}); xlsce shards DTensors only along the positions.  For vocabulary "
+                    f"parallelism pass {name}.to_local() (each rank's contiguous slice of the classes, the "
+                    f"other arrays as plain tensors) and process_group=mesh.get_group({i})"
+                )
 
 
 # --------------------------------------------------------------------------- autograd
