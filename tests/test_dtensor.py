@@ -211,13 +211,7 @@ COMPUTED = [
     "batch-sharded-replicated-target",
     "batch-sharded-where",
     "batch-sharded-none",
-    pytest.param(
-        "batch-sharded-lse",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="known: return_lse on DTensor raises 'aten.add.Tensor got mixed torch.Tensor and DTensor'",
-        ),
-    ),
+    "batch-sharded-lse",
     "batch-sharded-sum",
     "batch-sharded-soft",
     "module-sequence-sharded",

@@ -50,7 +50,7 @@ def _selector(arrays):
     if _compat.all_torch(arrays):  # first: torch.compile traces this, quietly without array_namespace
         from . import torch
 
-        return torch.backend
+        return torch.selector(arrays)
     xp, x = _compat.array_namespace(*arrays), arrays[0]
     if _compat.is_numpy_namespace(xp):
         from .numpy import NumPy
