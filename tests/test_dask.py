@@ -219,10 +219,15 @@ def test_class_out_of_range_raises_at_compute():
     assert np.isfinite(xlsce.cross_entropy(z, da.from_array(np.where(target == 7, -100, target), chunks=16)).compute())
 
 
-def test_mixed_libraries_refused():
+def test_numpy_weight_beside_dask_logits_is_taken_into_dask():
+    """As for JAX and torch logits (a NumPy target, weight or mask is taken into the logits' library),
+    lazily, with NumPy's result; Dask logits beside a NumPy target of another library stay refused."""
     logits, target, weight, _ = problem((50, 7))
+    out = xlsce.cross_entropy(da.from_array(logits), da.from_array(target), weight=weight)
+    assert isinstance(out, da.Array)
+    np.testing.assert_allclose(out.compute(), xlsce.cross_entropy(logits, target, weight=weight), rtol=1e-12)
     with pytest.raises(TypeError, match="one array library"):
-        xlsce.cross_entropy(da.from_array(logits), da.from_array(target), weight=weight)
+        xlsce.cross_entropy(logits, da.from_array(target))
 
 
 def test_bounded_memory_and_benchmark_smoke():
