@@ -268,7 +268,9 @@ def test_check_grads_of_optax_test_case():
     """optax's own test_gradient (softmax_cross_entropy, check_grads order 1 on NumPy inputs), with xlsce."""
     ys = np.array([[10.0, 1.0, -2.0], [1.0, 4.0, 0.2]], dtype=np.float64)
     ts = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=np.float64)
-    check_grads(lambda z, q: xlsce.cross_entropy(z, q, reduction="none"), (ys, ts), order=1)
+    # optax also perturbs the probability targets; xlsce refuses a probability below 0 on eager arrays
+    # (issue 18 item 5), which check_grads' perturbation of a 0 creates, so the targets stay fixed here
+    check_grads(lambda z: xlsce.cross_entropy(z, ts, reduction="none"), (ys,), order=1)
     y = np.array([1, 0])
     check_grads(lambda z: xlsce.cross_entropy(z, y, reduction="none"), (ys,), order=1)
 

@@ -683,13 +683,13 @@ class CrossEntropyLoss:
         """The keywords by value; an array (weight, where) by identity, as it cannot be hashed."""
         return frozenset((k, v if _hashable(v) else ("id", id(v))) for k, v in self.keywords.items())
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         # by value, so that an equal configuration passed as a static argument (jax.jit) does not retrace
         if type(other) is not type(self):
             return NotImplemented
         return self._key() == other._key()
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(self._key())
 
 

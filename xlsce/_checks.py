@@ -68,7 +68,7 @@ def same_library(first, *others):
         o is not None and (type(o) in (bool, int, float) or (type(o).__module__ == "numpy" and not numpy_first))
         for o in others
     ]
-    if not any(foreign) or not _is_array(first):
+    if not any(foreign) or first is None or not _is_array(first):  # validate() reports a missing array
         return others
     ops = backends.backend(first)
     return tuple(ops.asarray_like(o, first) if f else o for o, f in zip(others, foreign, strict=True))

@@ -174,7 +174,7 @@ class CrossEntropyLoss(torch.nn.Module):
             softcap=self.softcap,
         )
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         """Every setting that differs from its default (``weight`` summarised by its shape and dtype)."""
         parts = []
         if self.weight is not None:
@@ -185,7 +185,7 @@ class CrossEntropyLoss(torch.nn.Module):
                 parts.append(f"{name}={value!r}")
         return ", ".join(parts)
 
-    def __prepare_scriptable__(self):
+    def __prepare_scriptable__(self) -> None:
         # torch.jit.script calls this on the module and on every submodule before compiling them
         raise RuntimeError(
             "xlsce.torch.CrossEntropyLoss cannot be compiled by torch.jit.script: the loss is Python code "
@@ -318,7 +318,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             chunk_size=chunk_size,
         )
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         """``in_features`` and ``num_classes``, then every setting that differs from its default."""
         parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}"]
         settings = (
