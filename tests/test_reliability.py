@@ -125,6 +125,34 @@ def test_overflowing_shift_keeps_the_class_in_play(backend, soft):
         np.testing.assert_array_equal(_np(g), np.float32([[0.25, -0.25]]), err_msg=name)
 
 
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("eps", [0.3, 0.9, 0.99])
+@pytest.mark.parametrize("soft", [False, True])
+def test_overflowing_shift_under_exclusive_smoothing_is_inf_never_nan(backend, soft, eps):
+    """[3e38, -3e38] (float32), exclusive: q = (1 - eps, eps) on class 0 (or t = (0.5, 0.5): q = (0.5, 0.5)),
+    so the loss is q_1 * 6e38 beyond float32's range: +inf.  For eps > 1/2 the coefficient of t,
+    a = 1 - eps - eps/(K'-1) = 1 - 2 eps, is negative; the target's term and the smoothing's are then
+    +inf and -inf separately, and their difference must not be NaN."""
+    z = backend.asarray(np.array([[3e38, -3e38]], dtype=np.float32))
+    t = backend.asarray(np.array([[0.5, 0.5]], dtype=np.float32) if soft else np.array([0]))
+    kw = dict(label_smoothing=eps, smoothing="exclusive")
+    assert np.isposinf(float(_np(xlsce.cross_entropy(z, t, **kw))))
+    assert np.isposinf(float(_np(backend.jit(lambda z, t: xlsce.cross_entropy(z, t, **kw))(z, t))))
+
+
+@pytest.mark.parametrize("eps", [0.3, 0.9])
+def test_probability_mass_on_a_class_out_of_play_is_plus_inf_in_both_conventions(backend, eps):
+    """t puts 0.5 on a -inf class: +inf (docs/what-it-computes.md), also where the exclusive
+    convention's coefficient of t (1 - 2 eps with two classes in play) is negative (was -inf)."""
+    z = backend.asarray(np.array([[0.5, 1.0, -np.inf]]))
+    t = backend.asarray(np.array([[0.5, 0.0, 0.5]]))
+    for smoothing in ("uniform", "exclusive"):
+        kw = dict(label_smoothing=eps, smoothing=smoothing)
+        assert np.isposinf(float(_np(xlsce.cross_entropy(z, t, **kw)))), smoothing
+        assert np.isposinf(float(_np(backend.jit(lambda z, t: xlsce.cross_entropy(z, t, **kw))(z, t)))), smoothing
+
+
 def test_overflowing_shift_index_target_without_smoothing(backend):
     """[3e38, -3e38], class 1, no smoothing: lse - z_1 = 6e38 overflows: +inf on every backend."""
     z = backend.asarray(np.array([[3e38, -3e38]], dtype=np.float32))

@@ -158,7 +158,13 @@ def _minus_times(ops, acc, c, x, finite):
     """acc - c * x, in place on ``acc`` (a buffer of ours) where the backend allows; as :func:`_times`."""
     if type(c) is float:
         return acc if c == 0 else ops.isub(acc, x) if c == 1 else ops.isub_product(acc, c, x)
-    return ops.isub_product(acc, c, x) if finite else acc - _times(ops.xp, c, x)
+    if finite:
+        return ops.isub_product(acc, c, x)
+    # 0 where c == 0; where x is -inf (a class out of play that the target weighs, or a shift that
+    # overflowed) -inf whatever the sign of c (the exclusive convention's coefficient of t, 1 - eps - b, is
+    # negative for eps > (K'-1)/K'): the loss is then +inf, never -inf, nor inf - inf = NaN
+    xp = ops.xp
+    return acc - xp.where(c == 0, 0.0, xp.where(x == -xp.inf, -xp.inf, c * x))
 
 
 def forward(ops, cfg: Config, logits, target, weight=None, where=None, g=None, grad_out=None):
