@@ -120,6 +120,8 @@ def cross_entropy(
     return_lse: bool = False,
     return_token_accuracy: bool = False,
     denominator: Array | float | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
+    process_group: Any = None,
 ) -> ArrayT | tuple[ArrayT, ...]:
     r"""Softmax cross-entropy with label smoothing, class weights and masking.
 
@@ -213,6 +215,16 @@ def cross_entropy(
         float64 logits); no gradient flows through it.  Class indices only: with probability
         targets it raises ValueError.  It costs one ``argmax`` over the logits.
 
+      axis_name: vocabulary parallelism on JAX, inside ``shard_map`` (or ``pmap``): the mesh axis (or
+        tuple of axes) over which the classes are split.  ``logits`` (and ``weight``) hold this device's
+        contiguous slice of the classes, the slices in axis-index order and of equal size; ``target``
+        holds global class indices (or this device's slice of the probabilities).  The row maximum, the
+        log-sum-exp, the smoothing sums, the number of classes in play and the target's term are
+        combined with ``lax.pmax``/``lax.psum``, so the smoothing uses the global K (not Megatron's
+        shard-local one); the loss comes back whole on every device, the gradient stays local.
+        See ``docs/scaling-out.md``.
+      process_group: the same over a ``torch.distributed`` process group, the ranks' slices in rank
+        order (``all_reduce``; the backward is local: Megatron's and flash-attn's layout).
     Returns:
       The loss: a scalar for ``"sum"``/``"mean"``, the positions' shape for ``"none"``;
       with ``return_lse=True`` the pair ``(loss, lse)``, ``lse`` of the positions' shape;
@@ -258,6 +270,8 @@ def cross_entropy(
         softcap=softcap,
         return_lse=return_lse,
         return_token_accuracy=return_token_accuracy,
+        axis_name=axis_name,
+        process_group=process_group,
     )
     if denominator is None:
         out = ops.loss(cfg, logits, target, weight, where)
@@ -286,6 +300,8 @@ def value_and_grad(
     z_loss: float | Array = 0.0,
     softcap: float | None = None,
     denominator: Array | float | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
+    process_group: Any = None,
 ) -> tuple[ArrayT, ArrayT]:
     r"""The loss of :func:`cross_entropy` and its gradient with respect to the logits.
 
@@ -306,6 +322,8 @@ def value_and_grad(
         ``reduction="none"`` an array of the loss's shape, default ones), so
         that the result is the vector-Jacobian product.
       denominator: the mean's global denominator, as in :func:`cross_entropy`.
+      axis_name, process_group: vocabulary parallelism, as in :func:`cross_entropy` (the gradient is
+        this shard's slice).
       **keywords: the keywords of :func:`cross_entropy`.
 
     Returns:
@@ -340,6 +358,8 @@ def value_and_grad(
         axis=axis,
         z_loss=z_loss,
         softcap=softcap,
+        axis_name=axis_name,
+        process_group=process_group,
     )
     positions = tuple(s for i, s in enumerate(logits.shape) if i != cfg.axis)
     cotangent = _checks.check_cotangent(cotangent, cfg.reduction, positions)
@@ -429,6 +449,8 @@ def linear_cross_entropy(
     return_lse: bool = False,
     return_token_accuracy: bool = False,
     denominator: Array | float | None = None,
+    axis_name: str | tuple[str, ...] | None = None,
+    process_group: Any = None,
 ) -> ArrayT | tuple[ArrayT, ...]:
     r"""Cross-entropy of a linear classifier, without ever building the full logits.
 
@@ -467,6 +489,12 @@ def linear_cross_entropy(
       label_smoothing, smoothing, weight, ignore_index, where, reduction, z_loss, softcap: as in
         :func:`cross_entropy` (the class axis is the last one).
       denominator: the mean's global denominator, as in :func:`cross_entropy`.
+      axis_name, process_group: vocabulary parallelism, as in :func:`cross_entropy`: ``classifier``
+        (and ``bias``, ``weight``) hold this shard's contiguous slice of the vocabulary, ``hidden`` and
+        ``target`` (global indices) the whole of it.  The gradients of the classifier and bias stay
+        local; that of ``hidden`` is summed over the shards (every shard gets the gradient of the
+        replicated hidden states; under ``shard_map`` where ``hidden`` is typed invariant over the
+        axis, as JAX's own transpose would).
       return_lse: also return the per-position log-sum-exp of the (capped) logits,
         collected chunk by chunk, as :func:`cross_entropy` does (for logging the
         z-loss ``z_loss * lse**2``).  It is differentiable; since the gradients
@@ -518,6 +546,8 @@ def linear_cross_entropy(
         softcap=softcap,
         return_lse=return_lse,
         return_token_accuracy=return_token_accuracy,
+        axis_name=axis_name,
+        process_group=process_group,
     )
     if denominator is None:
         return ops.linear_loss(cfg, chunk, hidden, classifier, bias, target, weight, where)
@@ -711,6 +741,8 @@ _KEYWORDS = {
     "axis",
     "z_loss",
     "softcap",
+    "axis_name",
+    "process_group",
 }
 
 

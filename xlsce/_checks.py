@@ -230,8 +230,12 @@ def validate(
     softcap=None,
     return_lse=False,
     return_token_accuracy=False,
+    axis_name=None,
+    process_group=None,
 ):
-    """Check every argument; return ``(ops, Config)``, ``ops`` the backend of the call."""
+    """Check every argument; return ``(ops, Config)``, ``ops`` the backend of the call (vocabulary
+    parallel with ``axis_name``/``process_group``: the logits and weights are this shard's slice of the
+    classes, the class indices global)."""
     if logits is None or target is None:
         _required(logits=logits, target=target)
     try:
@@ -264,9 +268,11 @@ def validate(
     if k == 0:
         raise ValueError(f"logits must have at least one class along axis {axis} (shape {tuple(logits.shape)})")
     positions = tuple(logits.shape[:axis]) + tuple(logits.shape[axis + 1 :])
+    ops = _class_shards(ops, axis_name, process_group)
+    k_all = ops.classes(k)  # the classes of every shard
 
     eps, z_loss, softcap = _settings(
-        label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "K", cache=not ops.compiling
+        label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k_all, "K", cache=not ops.compiling
     )
     if type(eps) is not float or type(z_loss) is not float:
         eps, z_loss = _array_settings(ops, logits, eps, z_loss)
@@ -297,7 +303,7 @@ def validate(
         _check_weight_where(ops, weight, where, k, positions)
 
     if not soft:
-        ignore_index = _check_indices(ops, target, k, ignore_index, where)
+        ignore_index = _check_indices(ops, target, k_all, ignore_index, where)
 
     cfg = Config(
         axis=axis,
@@ -316,13 +322,27 @@ def validate(
     return ops, cfg
 
 
+def _class_shards(ops, axis_name, process_group):
+    """The backend of the call: vocabulary parallel over ``axis_name`` (JAX) or ``process_group`` (torch)."""
+    if axis_name is None and process_group is None:
+        return ops
+    if axis_name is not None and process_group is not None:
+        raise ValueError("pass axis_name= (JAX) or process_group= (torch.distributed), not both")
+    if axis_name is not None and not isinstance(axis_name, (str, tuple)):
+        raise TypeError(
+            f"axis_name must be a mesh axis name (a str) or a tuple of them, got {type(axis_name).__name__}"
+        )
+    return ops.class_shards(axis_name=axis_name, process_group=process_group)
+
+
 def _check_weight_where(ops, weight, where, k, positions):
     """The class weights: (k,) floating, no gradient asked; the mask: boolean of the positions' shape."""
     if weight is not None:
         if weight.dtype not in ops.floats:
             raise TypeError(f"weight must have a real floating dtype, got {weight.dtype}")
         if tuple(weight.shape) != (k,):
-            raise ValueError(f"weight must have shape ({k},) (one per class), got {tuple(weight.shape)}")
+            what = "one per class" if ops.shards == 1 else "one per class of this shard's slice"
+            raise ValueError(f"weight must have shape ({k},) ({what}), got {tuple(weight.shape)}")
         ops.check_weight(weight)
         xp = ops.xp
         ops.require(
@@ -426,6 +446,8 @@ def validate_linear(
     softcap=None,
     return_lse=False,
     return_token_accuracy=False,
+    axis_name=None,
+    process_group=None,
 ):
     """Check the arguments of ``linear_cross_entropy``; return ``(ops, Config, chunk)``.
 
@@ -504,8 +526,17 @@ def validate_linear(
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
+    ops = _class_shards(ops, axis_name, process_group)
     eps, z_loss, softcap = _settings(
-        label_smoothing, smoothing, reduction, z_loss, softcap, ignore_index, k, "V", cache=not ops.compiling
+        label_smoothing,
+        smoothing,
+        reduction,
+        z_loss,
+        softcap,
+        ignore_index,
+        ops.classes(k),
+        "V",
+        cache=not ops.compiling,
     )
     if type(eps) is not float or type(z_loss) is not float:
         eps, z_loss = _array_settings(ops, hidden, eps, z_loss)
@@ -513,7 +544,7 @@ def validate_linear(
     _check_weight_where(ops, weight, where, k, positions)
 
     if not soft:
-        ignore_index = _check_indices(ops, target, k, ignore_index, where)
+        ignore_index = _check_indices(ops, target, ops.classes(k), ignore_index, where)
 
     n = math.prod(hidden.shape[:-1])  # rows of hidden: a chunk's logits are (rows, V * d_1 * ... * d_K)
     if chunk_size is None:
@@ -547,7 +578,8 @@ def check_denominator(ops, denominator, reduction):
     if isinstance(denominator, numbers.Real) and not isinstance(denominator, bool):
         return _number("denominator", denominator, low=0.0)
     try:
-        same = type(backends.backend(denominator)) is type(ops)
+        library = type(backends.backend(denominator))  # the shards' backend is its library's, specialised
+        same = library is type(ops) or (isinstance(ops, backends.ClassShards) and isinstance(ops, library))
     except TypeError:
         same = False
     if not same or getattr(denominator, "ndim", None) != 0:

@@ -380,7 +380,7 @@ def _two_sum(a, b):
 def _row_max(ops, z, axis):
     """The row maximum (keepdims) in the compute dtype (the maximum of half-precision values is exact)."""
     xp = ops.xp
-    m = xp.max(z, axis=axis, keepdims=True)
+    m = ops.row_max(z, axis)
     dt = ops.compute[z.dtype]
     return m if m.dtype == dt else xp.astype(m, dt)
 
@@ -418,8 +418,8 @@ def _eager_shift(ops, cfg: Config, z, y, w, wt, out):
     if masked:
         sums = _masked_sums(ops, cfg, z, zs, w, wt)
     else:
-        k = float(z.shape[ax])
-        s_w = (k if w is None else xp.sum(w)) if cfg.smoothed else None
+        k = float(ops.classes(z.shape[ax]))
+        s_w = (k if w is None else ops.class_total(w)) if cfg.smoothed else None
         sums = (k, s_w, smooth_sum, target_sum)
     return m, zs, z_y, sums, masked
 
@@ -441,14 +441,14 @@ def _traced_shift(ops, cfg: Config, z, y, w, wt, out):
     if cfg.smoothed or cfg.soft:
 
         def plain():  # every logit finite
-            k = float(z.shape[ax])
+            k = float(ops.classes(z.shape[ax]))
             k_eff = s_w = smooth = target = None
             if cfg.smoothed:
                 k_eff = k * xp.ones_like(m)
-                s_w = k_eff if w is None else xp.sum(w) * xp.ones_like(m)
+                s_w = k_eff if w is None else ops.class_total(w) * xp.ones_like(m)
                 smooth = ops.row_dot(z, w, ax) - s_w * m
             if cfg.soft:
-                target = ops.row_dot(z, wt, ax) - xp.sum(wt, axis=ax, keepdims=True) * m
+                target = ops.row_dot(z, wt, ax) - ops.row_dot(wt, None, ax) * m
             return k_eff, s_w, smooth, target
 
         sums = ops.cond_finite(z, plain, lambda: _masked_sums(ops, cfg, z, z - m, w, wt))
@@ -500,7 +500,7 @@ def _loss_terms(ops, cfg: Config, log_s, z_y, sums, wt, w_y, masked):
         a, b, coef, smooth = 1.0, 0.0, 0.0, None
     if cfg.soft:
         a_res, target_term = a, (a, target_sum, not masked)
-        coef = coef + a * xp.sum(wt, axis=cfg.axis, keepdims=True)
+        coef = coef + a * ops.row_dot(wt, None, cfg.axis)
     else:
         a_res = a if w_y is None else a * w_y
         target_term = (a_res, z_y, not masked and row_sums)  # then every logit is finite
@@ -606,7 +606,7 @@ def token_hits(ops, cfg: Config, logits, target, where):
     xp = ops.xp
     dt = ops.compute[logits.dtype]
     z = logits if cfg.softcap is None else capped_logits(ops, cfg, logits)
-    best = xp.argmax(z, axis=cfg.axis)
+    best = ops.row_argmax(z, cfg.axis)
     hit = xp.astype(target, best.dtype) == best  # the target in argmax's dtype: no wrap-around of a large index
     valid = valid_positions(xp, cfg, target, where)
     if valid is not None:

@@ -35,6 +35,8 @@ class LinearKeywords(TypedDict, total=False):
     reduction: Reduction
     z_loss: float | Array
     softcap: float | None
+    axis_name: str | tuple[str, ...] | None
+    process_group: Any
 
 
 class Keywords(LinearKeywords, total=False):

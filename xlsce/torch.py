@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 try:
     import torch
@@ -40,6 +40,7 @@ def cross_entropy(
     where=None,
     return_lse=False,
     denominator=None,
+    process_group=None,
 ):
     r"""Drop-in for :func:`torch.nn.functional.cross_entropy`: its signature and layout, plus xlsce's keywords.
 
@@ -54,7 +55,10 @@ def cross_entropy(
       target: class indices ``(N, d1, ..., dk)`` (``()`` unbatched), or probabilities of the input's shape.
       weight, ignore_index, reduction, label_smoothing: as in PyTorch.
       size_average, reduce: deprecated PyTorch arguments; must be None.
-      smoothing, z_loss, softcap, where, return_lse: see :func:`xlsce.cross_entropy`.
+      smoothing, z_loss, softcap, where, return_lse, denominator: see :func:`xlsce.cross_entropy`.
+      process_group: vocabulary parallelism over a ``torch.distributed`` group: ``input`` (and ``weight``)
+        hold this rank's contiguous slice of the classes, in rank order; ``target`` the global class
+        indices (see :func:`xlsce.cross_entropy` and docs/scaling-out.md).
 
     Example:
       >>> import torch
@@ -84,6 +88,7 @@ def cross_entropy(
         where=where,
         return_lse=return_lse,
         denominator=denominator,
+        process_group=process_group,
         axis=1 if getattr(input, "ndim", 2) > 1 else 0,
     )
 
@@ -117,6 +122,8 @@ class CrossEntropyLoss(torch.nn.Module):
       label_smoothing: :math:`\varepsilon \in [0, 1]`.
       smoothing: ``"uniform"`` (PyTorch's) or ``"exclusive"`` (fairseq's).
       z_loss, softcap: see :func:`xlsce.cross_entropy`.
+      process_group: vocabulary parallelism over a ``torch.distributed`` group (``weight``, if given, is
+        then this rank's slice of the class weights); see :func:`xlsce.cross_entropy`.
 
     Example:
       >>> import torch
@@ -145,6 +152,7 @@ class CrossEntropyLoss(torch.nn.Module):
         smoothing: Smoothing = "uniform",
         z_loss: float = 0.0,
         softcap: float | None = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__()
         if size_average is not None or reduce is not None:
@@ -157,6 +165,7 @@ class CrossEntropyLoss(torch.nn.Module):
         self.smoothing: Smoothing = smoothing
         self.z_loss = z_loss
         self.softcap = softcap
+        self.process_group = process_group
 
     def forward(
         self, input: torch.Tensor, target: torch.Tensor, *, denominator: torch.Tensor | float | None = None
@@ -172,6 +181,7 @@ class CrossEntropyLoss(torch.nn.Module):
             smoothing=self.smoothing,
             z_loss=self.z_loss,
             softcap=self.softcap,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -183,6 +193,8 @@ class CrossEntropyLoss(torch.nn.Module):
             value = getattr(self, name)
             if value != default or type(value) is not type(default):
                 parts.append(f"{name}={value!r}")
+        if self.process_group is not None:
+            parts.append("process_group=<set>")
         return ", ".join(parts)
 
     def __prepare_scriptable__(self) -> None:

@@ -16,9 +16,9 @@ its arrays is seen; it makes its backend objects (one per mode) when it is impor
 from __future__ import annotations
 
 from . import _compat
-from .generic import API_VERSION, Generic
+from .generic import API_VERSION, ClassShards, Generic
 
-__all__ = ["API_VERSION", "Generic", "backend"]
+__all__ = ["API_VERSION", "ClassShards", "Generic", "backend"]
 
 _SELECTORS = {}  # tuple of the arrays' types -> a function of the first array that returns the backend
 

@@ -165,6 +165,37 @@ class Generic:
         return self.xp.where(cond, x, 0)
 
     # ------------------------------------------------------------------ row reductions
+    #
+    # Every reduction of the maths over the class axis goes through one of these (row_max, row_dot,
+    # row_sums, class_total, row_argmax, take_at, take_classes), so that :class:`ClassShards` can
+    # combine them over the shards of a vocabulary-parallel call.
+
+    shards = 1  # the number of slices of the class axis (ClassShards: over devices or processes)
+
+    def classes(self, n):
+        """The number of classes of a class axis of local length ``n`` (a Python int)."""
+        return n
+
+    def row_max(self, a, axis):
+        """max along ``axis`` (keepdims)."""
+        return self.xp.max(a, axis=axis, keepdims=True)
+
+    def row_argmax(self, a, axis):
+        """The (first) argmax along ``axis``, the axis dropped."""
+        return self.xp.argmax(a, axis=axis)
+
+    def class_total(self, v):
+        """The sum of a per-class vector (any shape that holds one value per class), 0-d."""
+        return self.xp.sum(v)
+
+    def across(self, x):
+        """A sum over the classes of this shard (a tangent's) completed over every shard: ``x`` here."""
+        return x
+
+    def input_grad(self, grad, like, whole=False):
+        """The gradient with respect to the input ``like`` (None passes) from this shard's part of it, ``whole``
+        where every shard holds that input whole (the hidden states of linear_cross_entropy): ``grad`` here."""
+        return grad
 
     def row_dot(self, a, v, axis):
         """sum_c v_c a_c along ``axis`` (keepdims); ``v`` None means ones, else it broadcasts against ``a``."""
@@ -179,6 +210,13 @@ class Generic:
         """``fast()`` where all its values are finite, else ``general()``: the traced choice of path.
         Here always ``general()``, which is always right."""
         return general()
+
+    def class_shards(self, axis_name=None, process_group=None):
+        """The backend of a vocabulary-parallel call (:class:`ClassShards`); the frameworks that have one
+        override this."""
+        given = "axis_name" if axis_name is not None else "process_group"
+        where = "JAX arrays (inside shard_map)" if given == "axis_name" else "torch tensors (torch.distributed)"
+        raise ValueError(f"{given}= (vocabulary parallelism) is for {where}; got arrays of the {self.name} backend")
 
     # ------------------------------------------------------------------ the eager CPU blocks
 
@@ -320,6 +358,7 @@ class Generic:
             cotangent = xp.reshape(cotangent, (h.shape[0], *t.shape[2 if cfg.soft else 1 :]))
         args = (self, cfg, h, classifier, bias, t, weight, m)
         out, _, _, (dh, dw, db) = _linear.value_and_grads(*args, chunk=chunk, need=need, cotangent=cotangent)
+        dh, dw, db = self.input_grad(dh, h, True), self.input_grad(dw, classifier), self.input_grad(db, bias)
         if cfg.reduction == "none":
             out = xp.reshape(out, shape)
         if dh is not None:
@@ -377,3 +416,86 @@ def _flatten(xp, cfg, hidden, classifier, target, where):
     t = xp.reshape(target, (n, classifier.shape[0], *out) if cfg.soft else (n, *out))
     m = None if where is None else xp.reshape(where, (n, *out))
     return h, t, m
+
+
+class ClassShards:
+    """Vocabulary parallelism: the class axis of the logits (and the class weights) is this shard's
+    contiguous slice, ``shard_index()`` of ``shards`` equal slices in order; class indices are global.
+
+    A mixin before a framework's backend, which gives the collectives: ``all_max(x)`` and ``all_sum(x)``
+    of per-row partial results (``lax.pmax``/``lax.psum``, ``all_reduce``), ``shard_index()``.  Each
+    reduction of the maths over the class axis (the row maximum, the log-sum-exp's sum, the smoothing
+    sums and the number of classes in play, the target's logit and class weight, the argmax) is the
+    framework's over the slice, then combined: the loss is that of the whole class axis on every shard,
+    with the global K (K' with -inf logits) in both smoothing conventions; the gradient with respect to
+    the slice stays local.  Never eager (no value decides a path: every shard runs the same collectives).
+    """
+
+    eager = False
+    blocks = False
+
+    def classes(self, n):
+        return n * self.shards
+
+    def row_max(self, a, axis):
+        return self.all_max(super().row_max(a, axis))
+
+    def row_dot(self, a, v, axis):
+        return self.all_sum(super().row_dot(a, v, axis))
+
+    def row_sums(self, terms, axis):
+        sums = super().row_sums(terms, axis)
+        if len(sums) < 2:
+            return [self.all_sum(s) for s in sums]
+        joined = self.all_sum(self.xp.concat(sums, axis=axis))  # one collective for the terms
+        return [_part(joined, axis, i) for i in range(len(sums))]
+
+    def class_total(self, v):
+        return self.all_sum(super().class_total(v))
+
+    def across(self, x):
+        return self.all_sum(x)
+
+    def input_grad(self, grad, like, whole=False):
+        return self.all_sum(grad) if whole and grad is not None else grad
+
+    def _local(self, index, n):
+        """``(local, inside)``: the class indices as indices into this shard's ``n`` classes (0 outside it)
+        and whether they fall in it."""
+        local = index - self.shard_index() * n
+        inside = (local >= 0) & (local < n)
+        return self.xp.where(inside, local, 0), inside
+
+    def take_at(self, a, index, axis):
+        # the shard that holds the class gives its value, the others 0; a class on no shard (out of range,
+        # unchecked under tracing) gives NaN, as a gather out of range does under jax.jit
+        xp = self.xp
+        local, inside = self._local(index, a.shape[axis])
+        mine = xp.where(inside, super().take_at(a, local, axis), 0.0)
+        both = self.all_sum(xp.concat([mine, xp.astype(inside, a.dtype)], axis=axis))
+        value, count = _part(both, axis, 0), _part(both, axis, 1)
+        return xp.where(count == 1, value, xp.nan)
+
+    def take_classes(self, v, index):
+        xp = self.xp
+        local, inside = self._local(index, v.shape[0])
+        return self.all_sum(xp.where(inside, super().take_classes(v, local), 0.0))
+
+    def isub_at(self, a, index, v, axis):
+        local, inside = self._local(index, a.shape[axis])
+        return super().isub_at(a, local, self.xp.astype(inside, a.dtype) * v, axis)
+
+    def row_argmax(self, a, axis):
+        # the first maximum of the whole row: the smallest global index among the shards' first maxima
+        # that attain the row's maximum
+        xp = self.xp
+        best = xp.argmax(a, axis=axis, keepdims=True)
+        top = self.xp.max(a, axis=axis, keepdims=True)
+        n = a.shape[axis]
+        mine = xp.where(top == self.all_max(top), best + self.shard_index() * n, n * self.shards)
+        return xp.squeeze(-self.all_max(-mine), axis=axis)
+
+
+def _part(x, axis, i):
+    """Entry ``i`` of ``axis`` of ``x`` (keepdims)."""
+    return x[(slice(None),) * axis + (slice(i, i + 1),)]

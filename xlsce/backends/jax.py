@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,15 @@ class Jax(Generic):
         # two threads, against 6 us on one plus 4 us of scatter; python -m benchmarks.profile --backend jax)
         at = _along_index(a.shape, index, axis)
         return a.at[at].add(-v, mode="drop", indices_are_sorted=True, unique_indices=True)
+
+    def input_grad(self, grad, like, whole=False):
+        """Inside ``shard_map``: ``grad`` summed over the mesh axes that it varies over and ``like`` does not (an
+        input the same on each device of an axis, typed invariant there: the transpose of its implicit
+        ``pvary``), as JAX's own differentiation would; ``whole`` is read from the types."""
+        if grad is None:
+            return None
+        axes = _vma(grad) - _vma(like)
+        return jax.lax.psum(grad, tuple(sorted(axes))) if axes else grad
 
     def cond_finite(self, like, fast, general):
         """A ``lax.cond`` on the finiteness of ``fast()``'s values, so the general path costs nothing
@@ -168,6 +178,13 @@ class Jax(Generic):
             jnp.zeros_like(classifier, dtype=dt) if need[1] else None,
             jnp.zeros_like(bias, dtype=dt) if need[2] else None,
         )
+        # inside shard_map the carry's type names the mesh axes its value varies over: those of the inputs
+        # (the loss's but the axis it is summed over, vocabulary parallel), so that the body keeps it
+        inputs = (hidden, classifier, bias, target, weight, where, g, g_lse)
+        summed = getattr(self, "axis_name", ())
+        init = (_varying(init[0], inputs, summed if isinstance(summed, tuple) else (summed,)),) + tuple(
+            None if x is None else _varying(x, inputs) for x in init[1:]
+        )
 
         def body(carry, x):
             total, dw, db = carry
@@ -191,7 +208,54 @@ class Jax(Generic):
 
     def linear_loss_flat(self, cfg, chunk, hidden, classifier, bias, target, weight, where):
         args = (hidden, classifier, bias, target, weight, where, cfg.settings())
-        return _linear_loss(self, cfg.static(), chunk, *args)
+        # inside shard_map (an array typed varying over a mesh axis) without symbolic zeros, which JAX's
+        # shard_map does not implement for custom_vjp where it runs eagerly
+        manual = any(_vma(a) for a in args[:6] if a is not None)
+        return (_linear_loss_dense if manual else _linear_loss)(self, cfg.static(), chunk, *args)
+
+    def class_shards(self, axis_name=None, process_group=None):
+        if process_group is not None:
+            raise ValueError("process_group= is for torch tensors; inside JAX's shard_map pass axis_name=")
+        return _class_shards(axis_name)
+
+
+class JaxShards(generic.ClassShards, Jax):
+    """Vocabulary parallel inside ``shard_map``/``pmap`` over the mesh axis ``axis_name``
+    (:class:`~xlsce.backends.generic.ClassShards`): ``lax.pmax``/``lax.psum``, the shard
+    ``lax.axis_index``.  Traced always (the values inside ``shard_map`` are tracers)."""
+
+    def __init__(self, axis_name):
+        super().__init__(jnp, _compat.device, traced=True)
+        self.axis_name = axis_name
+        self.name = f"jax (vocabulary parallel over {axis_name!r})"
+
+    @property
+    def shards(self):
+        return jax.lax.axis_size(self.axis_name)
+
+    def shard_index(self):
+        return jax.lax.axis_index(self.axis_name)
+
+    def all_max(self, x):
+        return jax.lax.pmax(x, self.axis_name)
+
+    def all_sum(self, x):
+        return jax.lax.psum(x, self.axis_name)
+
+    def input_grad(self, grad, like, whole=False):
+        return Jax.input_grad(self, grad, like, whole)
+
+    def row_sums(self, terms, axis):
+        return list(self.all_sum(tuple(Jax.row_sums(self, terms, axis))))  # one psum of the tuple
+
+    def cond_finite(self, like, fast, general):
+        return general()  # the branches' collectives would run under a lax.cond: one path, fused by XLA
+
+
+@functools.cache
+def _class_shards(axis_name):
+    """One backend per mesh axis (a nondiff argument of the custom derivatives: hashed by identity)."""
+    return JaxShards(axis_name)
 
 
 # One backend object per mode (traced or not), made at import.
@@ -201,6 +265,21 @@ _INSTANCES = {traced: Jax(jnp, _compat.device, traced=traced) for traced in (Fal
 def backend(x):
     """The backend for a call whose first array is ``x``: traced (a tracer) or not."""
     return _INSTANCES[isinstance(x, jax.core.Tracer)]
+
+
+def _vma(x):
+    """The manual mesh axes (``shard_map``) that ``x``'s value varies over: empty outside ``shard_map``."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10; `vma` before
+    return set(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def _varying(x, like, drop=()):
+    """``x`` typed as varying over the manual mesh axes (``shard_map``) that the arrays ``like`` vary over,
+    but ``drop``; outside ``shard_map``, ``x``."""
+    axes = set().union(*(_vma(a) for a in like if hasattr(a, "shape")))
+    axes -= set(drop) | _vma(x)
+    return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
 
 
 def _names(spec):
@@ -327,8 +406,8 @@ def _tangent(ops, cfg, static, logits, target, weight, arrays, settings, t_logit
     axes = (cfg.axis,) if cfg.reduction == "none" else None
     dt = ops.compute[logits.dtype]  # the sums in the compute dtype (half-precision logits: float32)
 
-    def dot(a, b):
-        return jnp.sum(a.astype(dt) * b.astype(dt), axis=axes)
+    def dot(a, b):  # over this shard's classes, then every shard's (vocabulary parallel)
+        return ops.across(jnp.sum(a.astype(dt) * b.astype(dt), axis=axes))
 
     t_out = 0.0
     if t_logits is not None:
@@ -342,7 +421,7 @@ def _tangent(ops, cfg, static, logits, target, weight, arrays, settings, t_logit
         if t_logits is not None:
             ones = jnp.ones(t_lse.shape, dtype)
             softmax, _ = _math.backward(ops, c, logits, target, weight, res, 0.0, g_lse=ones)
-            t_lse = jnp.sum(softmax * t_logits, axis=cfg.axis).astype(dtype)
+            t_lse = ops.across(jnp.sum(softmax * t_logits, axis=cfg.axis)).astype(dtype)
     return jnp.asarray(t_out).astype(dtype), t_lse
 
 
@@ -373,8 +452,9 @@ def _linear_loss_fwd(ops, cfg, chunk, hidden, classifier, bias, target, weight, 
     forward_need = (False,) * 3 if cfg.reduction == "none" else need
     out, lse, accuracy, grads = _linear.value_and_grads(*args, chunk=chunk, need=forward_need)
     inputs = args[2:] if cfg.reduction == "none" or cfg.return_lse else None
-    # `need` travels in the residuals' structure (None = not needed): residuals must be arrays.
-    flags = tuple(jnp.zeros((0,)) if f else None for f in need)
+    # `need` travels in the residuals' structure (None = not needed): residuals must be arrays.  Each is an
+    # empty slice of its input, which carries the input's type inside shard_map (the mesh axes it varies over)
+    flags = tuple(x.reshape(-1)[:0] if f else None for f, x in zip(need, (hidden, classifier, bias), strict=True))
     grads = None if cfg.reduction == "none" else grads
     settings = None if settings is None else cfg.settings()
     return generic.linear_outputs(cfg, out, lse, accuracy), (inputs, flags, grads, settings)
@@ -404,7 +484,35 @@ def _linear_loss_bwd(ops, cfg, chunk, saved, g):
         )
     else:
         grads = tuple(None if x is None else (g * x).astype(x.dtype) for x in grads)
+    grads = tuple(ops.input_grad(x, f) for x, f in zip(grads, flags, strict=True))  # typed as the inputs
     return (*grads, None, None, None, None)
 
 
 _linear_loss.defvjp(_linear_loss_fwd, _linear_loss_bwd, symbolic_zeros=True)
+
+
+class _Primal(NamedTuple):
+    """An input of :func:`_linear_loss_dense` as :func:`_linear_loss_fwd` reads a symbolic-zeros primal."""
+
+    value: object
+    perturbed: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _linear_loss_dense(ops, cfg, chunk, hidden, classifier, bias, target, weight, where, settings):
+    """:func:`_linear_loss` without symbolic zeros (inside ``shard_map``): the gradients of hidden,
+    classifier and bias are all computed; weight, target, mask and settings get none."""
+    cfg = cfg.with_settings(settings)
+    return Generic.linear_loss_flat(ops, cfg, chunk, hidden, classifier, bias, target, weight, where)
+
+
+def _linear_loss_dense_fwd(ops, cfg, chunk, hidden, classifier, bias, target, weight, where, settings):
+    def wrap(x, perturbed):
+        return None if x is None else _Primal(x, perturbed)
+
+    args = [wrap(x, i < 3) for i, x in enumerate((hidden, classifier, bias, target, weight, where))]
+    settings = None if settings is None else tuple(wrap(x, False) for x in settings)
+    return _linear_loss_fwd(ops, cfg, chunk, *args, settings)
+
+
+_linear_loss_dense.defvjp(_linear_loss_dense_fwd, _linear_loss_bwd)

@@ -161,6 +161,23 @@ class Torch(InPlace):
             return (a @ v.reshape(-1)).unsqueeze(axis)  # one BLAS pass, no temporary
         return (a * v).sum(axis, keepdim=True)
 
+    def class_shards(self, axis_name=None, process_group=None):
+        """Vocabulary parallel over ``process_group`` (:class:`TorchShards`, one per group and device kind)."""
+        if axis_name is not None:
+            raise ValueError(
+                "axis_name= is for JAX arrays inside shard_map; with torch.distributed pass process_group="
+            )
+        if torch.compiler.is_compiling() or _functorch_level() is not None:
+            raise ValueError(
+                "process_group= runs eagerly: not under torch.compile or torch.func's transforms (its all_reduce "
+                "is in place); compile the model around the loss instead"
+            )
+        key = (self.on_cpu, process_group)
+        ops = _SHARDED.get(key)
+        if ops is None:
+            ops = _SHARDED[key] = TorchShards(self.xp, process_group, on_cpu=self.on_cpu)
+        return ops
+
     # ------------------------------------------------------------------ entry points: autograd
 
     def loss(self, cfg, logits, target, weight, where):
@@ -212,6 +229,41 @@ class Torch(InPlace):
         with torch.no_grad():
             args = (cfg, chunk, hidden, classifier, bias, target, weight, where)
             return super().linear_value_and_grads(*args, need=need, cotangent=cotangent)
+
+
+class TorchShards(generic.ClassShards, Torch):
+    """Vocabulary parallel over the ``torch.distributed`` process group ``group``
+    (:class:`~xlsce.backends.generic.ClassShards`), the ranks' slices in rank order: ``all_reduce``
+    MAX/SUM of per-row partial results (the forward's only communication; the backward is local, as
+    Megatron's and flash-attn's).  Eager, in the mode that reads no value to choose a path (as on a GPU),
+    so that every rank runs the same collectives; the checks read their booleans on the CPU and are
+    device-side assertions elsewhere."""
+
+    def __init__(self, xp, group, *, on_cpu):
+        import torch.distributed as dist
+
+        super().__init__(xp, _compat.device, traced=False, on_cpu=on_cpu)
+        self.eager = self.blocks = False
+        self.group, self._dist = group, dist
+        self.name = "torch (vocabulary parallel over a process group)"
+
+    @property
+    def shards(self):
+        return self._dist.get_world_size(self.group)
+
+    def shard_index(self):
+        return self._dist.get_rank(self.group)
+
+    def all_max(self, x):
+        self._dist.all_reduce(x, op=self._dist.ReduceOp.MAX, group=self.group)  # x: a fresh result of ours
+        return x
+
+    def all_sum(self, x):
+        self._dist.all_reduce(x, op=self._dist.ReduceOp.SUM, group=self.group)
+        return x
+
+
+_SHARDED = {}  # (on the CPU, process group) -> its TorchShards
 
 
 class Functional(Torch):
@@ -335,6 +387,12 @@ class DTensorTorch(Torch):
     def require(self, ok, message):
         if self.readable and not ok.full_tensor().item():
             raise ValueError(message)
+
+    def class_shards(self, axis_name=None, process_group=None):
+        raise ValueError(
+            "process_group= takes each rank's slice of the classes as plain tensors: pass logits.to_local() "
+            "(and the other arrays as plain tensors), not DTensors"
+        )
 
     def loss(self, cfg, logits, target, weight, where):
         _refuse_class_shards(cfg, logits=logits, target=target if cfg.soft else None, weight=weight, where=where)
@@ -600,4 +658,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads = (None, None, None)
         else:
             grads = tuple(None if x is None else (g * x).to(x.dtype) for x in _join(saved[:-6], ctx.layout))
+        ops = ctx.ops  # vocabulary parallel: the replicated hidden states' gradient summed over the shards
+        grads = (ops.input_grad(grads[0], None, True), *grads[1:])
         return None, None, None, None, *grads, None, None, None
