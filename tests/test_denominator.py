@@ -117,6 +117,17 @@ def test_unsharded_denominator_is_the_mean(backend):
     np.testing.assert_allclose(float(b.to_numpy(loss)), want, rtol=1e-12)
 
 
+def test_mean_denominator_takes_numpy_weights_and_masks(backend):
+    """A NumPy weight and mask beside the targets of another library are taken into it, as cross_entropy does."""
+    b = backend
+    _, target, weight, _ = problem(weighted=True)
+    where = np.arange(target.shape[0]) % 3 != 0
+    valid = (target != -100) & where
+    want = float(np.sum(np.where(valid, weight[np.where(valid, target, 0)], 0.0)))
+    got = xlsce.mean_denominator(b.asarray(target), weight=weight, where=where)
+    np.testing.assert_allclose(float(b.to_numpy(got)), want, rtol=1e-12)
+
+
 def test_mean_denominator_probability_targets(backend):
     b = backend
     probs = np.full((3, 4, 2), 0.25)  # class axis 1

@@ -149,6 +149,32 @@ def minus_inf_case():
     return {"value": err(got, want)}
 
 
+def blocks_case():
+    # logits of more than 2**20 elements per rank: the eager CPU path evaluates them by blocks of positions, each
+    # block with its collectives (the same number on every rank); a -inf logit on one rank only
+    g = torch.Generator().manual_seed(4)
+    n, k = 1200, 1024 * world
+    zz = torch.randn(n, k, dtype=torch.float64, generator=g) * 2
+    zz[7, 3] = -torch.inf
+    yy = torch.randint(0, k, (n,), generator=g)
+    yy[::9] = IGNORE
+    yy[7] = 5
+    ww = torch.rand(k, dtype=torch.float64, generator=g) + 0.5
+    zr = zz.clone().requires_grad_()
+    # the reference from the formula: on row 7 the smoothing puts eps / (K - 1) on the K - 1 classes in play
+    fin = zz > -torch.inf
+    lp = torch.where(fin, torch.log_softmax(zr, 1), 0.0)
+    q = 0.9 * F.one_hot(yy.clamp(min=0), k).double() + 0.1 / fin.sum(1, keepdim=True).double() * fin
+    valid = yy != IGNORE
+    per = -(ww * q * lp).sum(1)
+    want = torch.where(valid, per, 0.0).sum() / torch.where(valid, ww[yy.clamp(min=0)], 0.0).sum()
+    want.backward()
+    zl = mine(zz, 1).clone().requires_grad_()
+    got = xlsce.cross_entropy(zl, yy, label_smoothing=0.1, weight=mine(ww, 0), process_group=WORLD)
+    got.backward()
+    return {"value": err(got, want), "grad": err(zl.grad, mine(zr.grad, 1))}
+
+
 def accuracy_case():
     # ties between the ranks' slices: the first maximum of the whole row (class 1) wins
     zz = z.clone()
@@ -251,6 +277,7 @@ for name, options in CASES.items():
 for key, fn in (
     ("minus-inf", minus_inf_case),
     ("accuracy", accuracy_case),
+    ("blocks", blocks_case),
     ("module", module_case),
     ("linear", lambda: linear_case({"label_smoothing": 0.1})),
     ("linear-exclusive-zloss", lambda: linear_case({"label_smoothing": 0.2, "smoothing": "exclusive", "z_loss": 1e-3})),
@@ -342,6 +369,11 @@ def test_cross_entropy_over_ranks_equals_torch(reports, name):
 def test_classes_out_of_play_use_the_global_count(reports):
     for r in reports:
         _check(r["minus-inf"], ("value",))
+
+
+def test_eager_blocks_with_a_minus_inf_on_one_rank(reports):
+    for r in reports:
+        _check(r["blocks"], ("value", "grad"))
 
 
 def test_token_accuracy_takes_the_first_maximum_across_ranks(reports):

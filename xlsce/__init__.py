@@ -657,6 +657,7 @@ def mean_denominator(
       >>> bool(np.isclose(total, xlsce.cross_entropy(logits, target)))
       True
     """
+    weight, where, _ = _checks.same_library(target, weight, where, None)  # NumPy beside JAX/torch targets
     ops, cfg = _checks.validate_denominator_targets(target, weight, where, ignore_index=ignore_index, axis=axis)
     return _math.mean_denominator(ops, cfg, target, weight, where)
 

@@ -428,11 +428,26 @@ class ClassShards:
     sums and the number of classes in play, the target's logit and class weight, the argmax) is the
     framework's over the slice, then combined: the loss is that of the whole class axis on every shard,
     with the global K (K' with -inf logits) in both smoothing conventions; the gradient with respect to
-    the slice stays local.  Never eager (no value decides a path: every shard runs the same collectives).
+    the slice stays local.
+
+    Every shard takes the same path and runs the same collectives: the values that an eager backend
+    reads to choose a path are the combined ones (the row maximum, the row sums), and the checks of each
+    shard's slice (``require``, ``min_max``) are combined before they are read, so that a bad slice
+    raises the same ValueError on every shard instead of leaving the others in a collective.
     """
 
-    eager = False
-    blocks = False
+    def require(self, ok, message):
+        if self.readable:  # read: combined first (off the host, a device-side assertion of each shard's own)
+            xp = self.xp
+            bad = self.all_max(xp.astype(xp.logical_not(ok), xp.int32))
+            ok = bad == 0
+        super().require(ok, message)
+
+    def min_max(self, x, *, lo=True, hi=True):
+        xp = self.xp
+        low, high = (xp.astype(f(x), xp.float64) for f in (xp.min, xp.max))  # float64: -x never wraps
+        both = self.all_max(xp.stack([-low, high]))
+        return (-float(both[0]) if lo else None), (float(both[1]) if hi else None)
 
     def classes(self, n):
         return n * self.shards

@@ -162,7 +162,7 @@ class Torch(InPlace):
         return (a * v).sum(axis, keepdim=True)
 
     def class_shards(self, axis_name=None, process_group=None):
-        """Vocabulary parallel over ``process_group`` (:class:`TorchShards`, one per group and device kind)."""
+        """Vocabulary parallel over ``process_group`` (:class:`TorchShards`, in this backend's mode)."""
         if axis_name is not None:
             raise ValueError(
                 "axis_name= is for JAX arrays inside shard_map; with torch.distributed pass process_group="
@@ -172,11 +172,7 @@ class Torch(InPlace):
                 "process_group= runs eagerly: not under torch.compile or torch.func's transforms (its all_reduce "
                 "is in place); compile the model around the loss instead"
             )
-        key = (self.on_cpu, process_group)
-        ops = _SHARDED.get(key)
-        if ops is None:
-            ops = _SHARDED[key] = TorchShards(self.xp, process_group, on_cpu=self.on_cpu)
-        return ops
+        return TorchShards(self, process_group)  # per call: no reference to the group outlives it
 
     # ------------------------------------------------------------------ entry points: autograd
 
@@ -235,15 +231,13 @@ class TorchShards(generic.ClassShards, Torch):
     """Vocabulary parallel over the ``torch.distributed`` process group ``group``
     (:class:`~xlsce.backends.generic.ClassShards`), the ranks' slices in rank order: ``all_reduce``
     MAX/SUM of per-row partial results (the forward's only communication; the backward is local, as
-    Megatron's and flash-attn's).  Eager, in the mode that reads no value to choose a path (as on a GPU),
-    so that every rank runs the same collectives; the checks read their booleans on the CPU and are
-    device-side assertions elsewhere."""
+    Megatron's and flash-attn's).  In the mode of the call's backend ``base`` (eager on the CPU, reading
+    only values that are the same on every rank)."""
 
-    def __init__(self, xp, group, *, on_cpu):
+    def __init__(self, base, group):
         import torch.distributed as dist
 
-        super().__init__(xp, _compat.device, traced=False, on_cpu=on_cpu)
-        self.eager = self.blocks = False
+        self.__dict__.update(base.__dict__)  # the mode, namespace and dtypes of the call's backend
         self.group, self._dist = group, dist
         self.name = "torch (vocabulary parallel over a process group)"
 
@@ -261,9 +255,6 @@ class TorchShards(generic.ClassShards, Torch):
     def all_sum(self, x):
         self._dist.all_reduce(x, op=self._dist.ReduceOp.SUM, group=self.group)
         return x
-
-
-_SHARDED = {}  # (on the CPU, process group) -> its TorchShards
 
 
 class Functional(Torch):
