@@ -289,7 +289,7 @@ def z_loss_weight(ops, cfg: Config, valid, d, dt, positions):
     cross-entropy's ``D = sum_i m_i w[y_i]``.  0 when nothing counts (then D = 0: the mean is 0)."""
     xp = ops.xp
     n = float(math.prod(positions)) if valid is None else xp.sum(xp.astype(valid, dt))
-    if type(d) is float and type(n) is float:
+    if type(n) is float:  # every position counts (d a number, or an array: traced, lazy)
         return cfg.z_loss * d / n if n else 0.0
     return xp.where(n > 0, cfg.z_loss * d / xp.where(n > 0, n, 1.0), 0.0)
 
