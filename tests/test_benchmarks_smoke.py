@@ -248,3 +248,34 @@ def test_device_cuda_without_a_gpu_fails_clearly(tmp_path):
         if backend != "numpy":
             assert f"{backend}: skipped, cannot run on cuda" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_scale_quick(tmp_path):
+    # python -m benchmarks.scale --quick: vocabulary parallelism (JAX memory per device on 8 simulated
+    # devices, 2 gloo ranks, Megatron's smoothing) and Dask, tiny; the Markdown report and its JSON
+    out = tmp_path / "scale.md"
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--quick", "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "scale.json").read_text())
+    assert doc["quick"] and doc["machine"]["cpu_count"]
+    mem = doc["vocab"]["memory"]
+    assert mem["devices"] == 8 and mem["check"]["ok"], mem.get("check", mem)
+    for name in ("cross_entropy", "linear_cross_entropy"):
+        r = mem[name]
+        assert 0 < r["sharded"]["total_bytes"] < r["unsharded"]["total_bytes"]
+        assert r["ratio_per_device"] == r["sharded"]["total_bytes"] / r["unsharded"]["total_bytes"]
+        assert r["no_large_all_gather"] and any(c["op"] == "all-reduce" for c in r["collectives"])
+    torch_ = doc["vocab"]["torch"]
+    assert torch_["loss_rel_diff"] < 1e-5
+    for key in ("one_process_1_threads", "one_process_2_threads", "group_of_one", "two_ranks"):
+        assert len(torch_[key]["runs_s"]) == 3 and torch_[key]["median_s"] > 0
+    shards = doc["vocab"]["megatron"]["shards"]
+    assert shards["1"]["max_rel_diff_mean_loss"] < 1e-5 and abs(shards["1"]["mass_ratio_vs_exact"] - 1) < 1e-5
+    assert shards["8"]["max_rel_diff_token_loss"] > 1e-4 and shards["8"]["mass_ratio_vs_exact"] > 7
+    assert math.isfinite(doc["dask"]["stream"]["loss"]) and doc["dask"]["speed"]["loss"]["ratio_threads"] > 0
+    md = out.read_text()
+    for heading in ("## JAX: memory per device", "## PyTorch: 2 gloo ranks", "## Megatron-LM", "## Dask"):
+        assert heading in md, heading
+    assert "error:" not in md and "MISMATCH" not in md
