@@ -13,19 +13,13 @@ processes), each running every check and writing its report; each test reads one
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-
+import gloo
 import pytest
 
 torch = pytest.importorskip("torch")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
 
 WORKER = r"""
@@ -34,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-rank, port, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+rank, port, path = int(sys.argv[1]), sys.argv[3], sys.argv[4]  # argv[2]: the world size, 2
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
 from torch.distributed.device_mesh import init_device_mesh
@@ -235,45 +229,9 @@ REFUSED = {  # case -> the argument the message must name
 }
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dtensor")
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=ROOT, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-    paths = [str(tmp / f"rank{r}.json") for r in range(WORLD)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(r), port, paths[r]],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-4000:]
-    reports = []
-    for path in paths:
-        with open(path) as f:
-            reports.append(json.load(f))
-    return reports
+    return gloo.launch(WORKER, WORLD, tmp_path_factory.mktemp("dtensor"))
 
 
 @pytest.mark.parametrize("name", COMPUTED)

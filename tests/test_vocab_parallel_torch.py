@@ -16,19 +16,13 @@ the processes), each running every check and writing its report; each test reads
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-
+import gloo
 import pytest
 
 torch = pytest.importorskip("torch")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = r"""
 import datetime, json, os, sys
@@ -296,51 +290,12 @@ dist.destroy_process_group()
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _launch(tmp, world):
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=ROOT, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-    paths = [str(tmp / f"rank{r}.json") for r in range(world)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(r), str(world), port, paths[r]],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-4000:]
-    reports = []
-    for path in paths:
-        with open(path) as f:
-            reports.append(json.load(f))
-    return reports
-
-
 _LAUNCHED = {}  # world size -> the ranks' reports (one launch each per session)
 
 
 def _reports(tmp_path_factory, world):
     if world not in _LAUNCHED:
-        _LAUNCHED[world] = _launch(tmp_path_factory.mktemp(f"vocab_torch_{world}"), world)
+        _LAUNCHED[world] = gloo.launch(WORKER, world, tmp_path_factory.mktemp(f"vocab_torch_{world}"))
     return _LAUNCHED[world]
 
 
