@@ -210,14 +210,7 @@ COMPUTED = [
     "batch-sharded-soft",
     "module-sequence-sharded",
     "value_and_grad",
-    pytest.param(
-        "linear-batch-sharded",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="known: right value and "
-            "gradients, but dhidden comes back Replicate, not Shard(0) (the eager loop's concat of chunks)",
-        ),
-    ),
+    "linear-batch-sharded",
 ]
 REFUSED = {  # case -> the argument the message must name
     "refuse-class-sharded": "logits",

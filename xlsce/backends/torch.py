@@ -379,6 +379,12 @@ class DTensorTorch(Torch):
         if self.readable and not ok.full_tensor().item():
             raise ValueError(message)
 
+    def input_grad(self, grad, like, whole=False):
+        # a gradient with its input's placements (the eager loop's concatenation of chunks comes back Replicate)
+        if grad is None or like is None or tuple(grad.placements) == tuple(like.placements):
+            return grad
+        return grad.redistribute(like.device_mesh, like.placements)
+
     def class_shards(self, axis_name=None, process_group=None):
         raise ValueError(
             "process_group= takes each rank's slice of the classes as plain tensors: pass logits.to_local() "
@@ -649,6 +655,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads = (None, None, None)
         else:
             grads = tuple(None if x is None else (g * x).to(x.dtype) for x in _join(saved[:-6], ctx.layout))
-        ops = ctx.ops  # vocabulary parallel: the replicated hidden states' gradient summed over the shards
-        grads = (ops.input_grad(grads[0], None, True), *grads[1:])
+        # typed as the inputs: vocabulary parallel, the replicated hidden states' gradient summed over the
+        # shards; DTensors, the inputs' placements
+        inputs = saved[-6:-3]
+        grads = tuple(ctx.ops.input_grad(g, x, i == 0) for i, (g, x) in enumerate(zip(grads, inputs, strict=True)))
         return None, None, None, None, *grads, None, None, None
