@@ -89,6 +89,24 @@ def _reference(z, y, eps, zeta=0.0, w=None, valid=None, k_axis=-1):
     return loss, grad, (e / s) * wq.sum(-1, keepdims=True) + wq
 
 
+@pytest.mark.parametrize("soft", [False, True])
+def test_exclusive_smoothing_near_one_keeps_the_targets_gradient_exact(backend, soft):
+    """Exclusive, eps = 1, two classes: q = (0, 1), so the target's gradient is its softmax, 6.7e-6 here.
+    With a = 1 - eps - b = -1 and b = 1 subtracted one after the other (p - 1 + 1) it lost all but two
+    digits in float32 (6.735e-6 for 6.748e-6); subtracted as one term, it keeps a few ulps."""
+    zn = np.array([[-8.314404, 3.591799]], dtype=np.float32)
+    z64 = zn.astype(np.float64)
+    want = np.exp(z64 - np.logaddexp.reduce(z64, axis=1, keepdims=True))[0, 0]  # p_0 - q_0, q_0 = 0
+    z = backend.asarray(zn)
+    t = backend.asarray(np.array([[1.0, 0.0]], dtype=np.float32) if soft else np.array([0]))
+    kw = dict(label_smoothing=1.0, smoothing="exclusive")
+    _, g = xlsce.value_and_grad(z, t, **kw)
+    grads = [("value_and_grad", g), *_grads(backend, lambda z: xlsce.cross_entropy(z, t, **kw), z)]
+    for name, g in grads:
+        got = float(_np(g)[0, 0])
+        assert abs(got - want) <= 8 * F32_ULP * want, (name, got, want)
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e2, 1e4])
 def test_float32_gradient_precision_for_large_logits(backend, offset):
     """Logits offset + 3 N(0, 1), float32: every route's gradient is within a few ulps x K of the

@@ -579,15 +579,26 @@ def _position_grad(ops, cfg: Config, logits, target, y, w, lse, alpha, beta, gam
         dz = ops.imul(dz, alpha)
     else:
         dz = ops.imul_ratio(e[0], alpha, e[1])
+    # minus q (times w and the cotangent), q = a t + b 1_F.  Exclusive, a = 1 - eps - b is negative for
+    # eps > (K'-1)/K' (possible for K' >= 2 only where eps > 1/2): subtracting b, then a t, cancels where q
+    # is small (the target's q is 1 - eps: eps near 1), losing the softmax's digits there (p - b + b); there
+    # the two are subtracted as one term, made elementwise (one more buffer of the block's shape)
+    combined = cfg.smoothed and cfg.exclusive and (type(cfg.eps) is not float or cfg.eps > 0.5)
     if cfg.smoothed:
         wf = w
         if masked:
             fin = z > -xp.inf
             wf = xp.astype(fin, dt) if w is None else xp.where(fin, w, 0.0)
-        dz = ops.isub(dz, beta) if wf is None else ops.isub_product(dz, beta, wf)
+        if combined:
+            smooth = beta if wf is None else beta * wf
+        else:
+            dz = ops.isub(dz, beta) if wf is None else ops.isub_product(dz, beta, wf)
     if cfg.soft:
         t = xp.astype(target, dt, copy=False)
-        dz = ops.isub(dz, gamma * (t if w is None else w * t))
+        term = gamma * (t if w is None else w * t)
+        dz = ops.isub(dz, smooth + term if combined else term)
+    elif combined:  # b w everywhere, b w + a w at the target: one buffer of the block's shape
+        dz = ops.isub(dz, ops.isub_at(xp.zeros_like(dz) + smooth, y, -gamma, ax))
     else:
         dz = ops.isub_at(dz, y, gamma, ax)
     if cfg.softcap is not None:
